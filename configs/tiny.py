@@ -1,0 +1,29 @@
+"""Tiny hybrid model for tests and the CPU quickstart: 8 layers = 2 blocks of [SWA, GDN, GDN, GDN]."""
+
+import ml_collections
+
+from infinitevl_jax.models.config import hybrid_layer_types
+
+
+def get_config():
+    model = ml_collections.ConfigDict(dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        layer_types=hybrid_layer_types(8),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1e6,
+        mrope_section=(2, 3, 3),
+        sliding_window=16,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        gdn=dict(num_heads=2, head_k_dim=16, head_v_dim=32, conv_size=4, norm_eps=1e-5),
+        dtype="float32",
+        param_dtype="float32",
+        delta_rule_impl="auto",
+        attention_impl="auto",
+        remat="none",
+    ))
+    return ml_collections.ConfigDict(dict(model=model, seed=0))

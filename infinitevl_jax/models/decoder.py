@@ -1,0 +1,158 @@
+"""The hybrid decoder: embeddings, scanned blocks of pre-norm layers, final norm, tied logits.
+
+Each layer: ``h = x + Mixer(RMSNorm_in(x)); out = h + MLP(RMSNorm_post(h))`` where the mixer is
+a ``SelfAttention`` (sliding or full) or a ``GatedDeltaNet`` according to ``layer_types``.
+Layers are grouped into ``num_blocks`` identical blocks of ``block_pattern`` (e.g. [SWA, GDN,
+GDN, GDN]); the blocks' parameters are stacked on a leading axis and run with ``lax.scan``
+(optionally rematerialised), so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infinitevl_jax.models.config import DecoderConfig
+from infinitevl_jax.models.gated_deltanet import GatedDeltaNet
+from infinitevl_jax.models.layers import RMSNorm, SwiGLU
+from infinitevl_jax.models.sliding_attention import SelfAttention
+from infinitevl_jax.ops.rope import rope_cos_sin
+
+_REMAT = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class DecoderCache(NamedTuple):
+    """Decode state of the whole decoder.
+
+    layers: one cache per position in ``block_pattern``, each stacked over blocks (leading axis
+      ``num_blocks``); index: int32 scalar, tokens seen so far (the stream position).
+    """
+
+    layers: tuple
+    index: jax.Array
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        if layer_type == "linear_attention":
+            self.mixer = GatedDeltaNet(cfg, rngs=rngs)
+        else:
+            self.mixer = SelfAttention(cfg, cfg.window_of(layer_type), rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, rngs=rngs)
+
+    def init_cache(self, batch, max_len):
+        if self.layer_type == "linear_attention":
+            return self.mixer.init_cache(batch)
+        return self.mixer.init_cache(batch, max_len)
+
+    def __call__(self, x, cos, sin, *, cache=None, index=0, segment_ids=None):
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids)
+        else:
+            h, cache = self.mixer(h, cos, sin, cache=cache, index=index, segment_ids=segment_ids)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class DecoderBlock(nnx.Module):
+    """One period of the layer pattern."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
+
+    def __call__(self, x, cos, sin, *, caches=None, index=0, segment_ids=None):
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, cos, sin, cache=None if caches is None else caches[i], index=index,
+                         segment_ids=segment_ids)
+            new_caches.append(c)
+        return x, (None if caches is None else tuple(new_caches))
+
+
+class Decoder(nnx.Module):
+    """Token ids (or embeddings) -> logits, with an optional constant-size decode cache."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype),
+            logical_axes=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_blocks)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return DecoderBlock(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype),
+            logical_axes=("embed", "vocab"))
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> DecoderCache:
+        """Empty cache; ``max_len`` is required only when the pattern has full-attention layers."""
+        graphdef, state = nnx.split(self.blocks)
+        one_block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+        per_block = tuple(layer.init_cache(batch, max_len) for layer in one_block.layers)
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.num_blocks, *a.shape)), per_block)
+        return DecoderCache(layers=stacked, index=jnp.zeros((), jnp.int32))
+
+    def embed(self, input_ids):
+        """``[B, T]`` ids -> ``[B, T, D]`` embeddings in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
+                 cache: DecoderCache | None = None):
+        """Runs the decoder.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids (or pass ``inputs_embeds`` ``[B, T, D]``).
+          position_ids: RoPE positions, ``[B, T]`` or mRoPE ``[3, B, T]``; default: stream index.
+          segment_ids: ``[B, T]`` packed-sequence ids (no cache): no attention, conv or state
+            crosses a segment boundary.
+          cache: ``DecoderCache`` from ``init_cache`` or a previous call.
+
+        Returns ``(logits [B, T, vocab] float32, new cache or None)``.
+        """
+        cfg = self.cfg
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
+        batch, seq_len, width = x.shape
+        if width != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds width {width} != hidden_size {cfg.hidden_size}")
+        index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(index + jnp.arange(seq_len), (batch, seq_len))
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
+                                dtype=cfg.compute_dtype)
+
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h, xs):
+            block_state, block_caches = xs
+            block = nnx.merge(graphdef, block_state)
+            return block(h, cos, sin, caches=block_caches, index=index, segment_ids=segment_ids)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+        x, layer_caches = jax.lax.scan(body, x, (state, None if cache is None else cache.layers))
+        x = self.norm(x)
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
+        new_cache = None if cache is None else DecoderCache(layer_caches, index + seq_len)
+        return logits, new_cache

@@ -1,0 +1,77 @@
+"""Parameter-holding building blocks: dense map, RMSNorm, gated RMSNorm, SwiGLU MLP.
+
+Every parameter carries ``logical_axes`` metadata (names such as ``embed``, ``mlp``, ``heads``);
+the trainer's rules table maps those names to mesh axes. Model code never names mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel ``[in, out]`` (PyTorch Linear weight transposed)."""
+
+    def __init__(self, in_features, out_features, *, axes, use_bias=False, dtype, param_dtype, rngs,
+                 kernel_init=None):
+        init = kernel_init or nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype),
+                                logical_axes=tuple(axes))
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def rms_normalize(x, eps):
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: ``w * cast(x_f32 * rsqrt(mean(x_f32^2) + eps))`` (normalise in float32)."""
+
+    def __init__(self, dim, *, eps, dtype, param_dtype, axis_name="embed"):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return self.weight[...].astype(self.dtype) * rms_normalize(x, self.eps).astype(self.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """FLA's FusedRMSNormGated with swish gate: ``RMSNorm(o) * w * SiLU(gate)``, in float32.
+
+    Normalises over the last axis (a head's ``d_v``); one weight ``[d_v]`` shared by all heads.
+    """
+
+    def __init__(self, dim, *, eps, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("head_dim",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, o, gate):
+        y = rms_normalize(o, self.eps) * self.weight[...].astype(jnp.float32)
+        return (y * jax.nn.silu(gate.astype(jnp.float32))).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(SiLU(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, hidden, intermediate, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,94 @@
+"""Softmax self-attention layer (spec section 3): GQA, q/k/v biases, mRoPE, optional window.
+
+The same module serves InfiniteVL's sliding-window layers (``window = sliding_window``) and the
+teacher's full-attention layers (``window = None``).
+
+Cache: a ring buffer of post-RoPE keys/values with ``capacity`` slots (``window - 1`` for a
+sliding layer: with the current token that is exactly ``window`` keys). Token ``n`` (counted
+over the whole stream) lives in slot ``n % capacity``; the stream length is the decoder's
+cache index, so slot positions are derived, never stored. A full-attention layer's cache holds
+``capacity`` tokens at most, chosen by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infinitevl_jax.models.config import DecoderConfig
+from infinitevl_jax.models.layers import Dense
+from infinitevl_jax.ops.attention import attention, masked_attention, visibility
+from infinitevl_jax.ops.rope import apply_rope
+
+
+class KVCache(NamedTuple):
+    """Ring buffer of post-RoPE keys and values, each ``[B, capacity, Hkv, head_dim]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def slot_token_index(index, capacity):
+    """``[capacity]`` stream index of the token held in each slot after ``index`` tokens; < 0 if empty."""
+    slots = jnp.arange(capacity)
+    return index - 1 - jnp.mod(index - 1 - slots, capacity)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, window: int | None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.window = window
+        d, hq, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.q_proj = Dense(d, hq * hd, axes=("embed", "heads"), use_bias=True, **dense)
+        self.k_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
+        self.v_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
+        self.o_proj = Dense(hq * hd, d, axes=("heads", "embed"), **dense)
+
+    def cache_capacity(self, max_len: int | None) -> int:
+        if self.window is not None:
+            return self.window - 1 if max_len is None else min(self.window - 1, max_len)
+        if max_len is None:
+            raise ValueError("a full-attention layer's cache needs max_len (tokens it must hold)")
+        return max_len
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        shape = (batch, max(self.cache_capacity(max_len), 1), self.cfg.num_key_value_heads, self.cfg.head_dim)
+        return KVCache(jnp.zeros(shape, self.cfg.compute_dtype), jnp.zeros(shape, self.cfg.compute_dtype))
+
+    def __call__(self, x, cos, sin, *, cache: KVCache | None = None, index=0, segment_ids=None):
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``; with a cache, ``index`` = tokens seen before x."""
+        cfg = self.cfg
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            o = attention(q, k, v, window=self.window, segment_ids=segment_ids, impl=cfg.attention_impl)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a decode cache")
+            o, cache = self._attend_cached(q, k, v, cache, index)
+        return self.o_proj(o.reshape(batch, seq_len, -1)), cache
+
+    def _attend_cached(self, q, k, v, cache: KVCache, index):
+        capacity = cache.k.shape[1]
+        seq_len = q.shape[1]
+        q_index = index + jnp.arange(seq_len)
+        slot_index = slot_token_index(index, capacity)
+        k_index = jnp.concatenate([slot_index, q_index])
+        k_valid = jnp.concatenate([slot_index >= 0, jnp.ones((seq_len,), bool)])
+        mask = visibility(q_index, k_index, self.window, k_valid)
+        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+        o = masked_attention(q, keys, values, mask[None])
+        # Write the newest min(T, capacity) tokens into their slots; older ones are dropped.
+        keep = jnp.arange(seq_len) >= seq_len - capacity
+        slots = jnp.where(keep, jnp.mod(q_index, capacity), capacity)
+        new_k = cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop")
+        new_v = cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop")
+        return o, KVCache(new_k, new_v)

@@ -1,0 +1,96 @@
+"""The gated delta rule (Gated DeltaNet's token mixer): one public function, several impls.
+
+``gated_delta_rule`` checks its inputs, casts them to float32 (state math is float32 whatever
+the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, and dispatches:
+
+- ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
+- ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
+- ``"auto"``: ``recurrent`` for a single token, otherwise ``chunked`` (the fastest correct impl
+  on every backend until the Pallas kernels land).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
+from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
+
+IMPLS = {
+    "recurrent": recurrent_gated_delta_rule,
+    "chunked": chunked_gated_delta_rule,
+}
+
+__all__ = ["gated_delta_rule", "segment_resets", "IMPLS", "CHUNK_SIZE"]
+
+
+def segment_resets(segment_ids, seq_len, batch):
+    """``[B, T]`` bool: True where a token's segment id differs from the previous token's."""
+    if segment_ids is None:
+        return jnp.zeros((batch, seq_len), dtype=bool)
+    previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return segment_ids != previous
+
+
+def _check_shapes(q, k, v, g, beta, initial_state, segment_ids):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, time, heads, d_k]; got shape {q.shape}")
+    batch, seq_len, heads, d_k = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {q.shape}; got {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != (batch, seq_len, heads):
+        raise ValueError(f"v must be [batch, time, heads, d_v] = [{batch}, {seq_len}, {heads}, d_v]; got {v.shape}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (batch, seq_len, heads):
+            raise ValueError(f"{name} must be [batch, time, heads] = {(batch, seq_len, heads)}; got {x.shape}")
+    if initial_state is not None and initial_state.shape != (batch, heads, d_k, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be [batch, heads, d_k, d_v] = {(batch, heads, d_k, v.shape[-1])}; "
+            f"got {initial_state.shape}")
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, seq_len):
+            raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}; got {segment_ids.shape}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+    if seq_len == 0:
+        raise ValueError("gated_delta_rule needs at least one token (time axis has length 0)")
+
+
+def resolve_impl(impl: str, seq_len: int) -> str:
+    """Maps ``"auto"`` to a concrete impl name; rejects unknown names."""
+    if impl == "auto":
+        return "recurrent" if seq_len == 1 else "chunked"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {['auto', *IMPLS]}")
+    return impl
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, impl="auto"):
+    """Gated delta rule over a sequence (FLA's ``chunk_gated_delta_rule`` without in-kernel L2 norm).
+
+    Per head, state ``S`` in ``R^{K x V}`` (zero, or ``initial_state``); for each token t:
+    ``S <- exp(g_t) S;  u = beta_t (v_t - S^T k_t);  S <- S + k_t u^T;  o_t = S^T (scale q_t)``.
+    A token whose segment id differs from the previous token's starts from ``S = 0``.
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (any float dtype).
+      g: ``[B, T, H]`` log-decay (<= 0); beta: ``[B, T, H]`` write strength.
+      scale: query scale; default ``K ** -0.5``.
+      initial_state: optional ``[B, H, K, V]`` state entering token 0.
+      segment_ids: optional ``[B, T]`` integer ids of packed sequences.
+      impl: ``"auto"``, ``"recurrent"`` or ``"chunked"``.
+
+    Returns:
+      ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype, final_state ``[B, H, K, V]`` float32.
+    """
+    _check_shapes(q, k, v, g, beta, initial_state, segment_ids)
+    batch, seq_len, heads, d_k = q.shape
+    fn = IMPLS[resolve_impl(impl, seq_len)]
+    if scale is None:
+        scale = d_k ** -0.5
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
+    reset = segment_resets(segment_ids, seq_len, batch)
+    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset)
+    return o.astype(v.dtype), final_state

@@ -1,0 +1,49 @@
+"""Token-serial gated delta rule: a ``lax.scan`` over time (also the single-token decode step).
+
+Per head, with state ``S`` of shape ``[K, V]`` (float32) and, for every token t:
+
+    S  <- 0                      if reset_t   (token t starts a new packed segment)
+    S  <- exp(g_t) * S
+    u   = beta_t * (v_t - S^T k_t)
+    S  <- S + k_t u^T
+    o_t = S^T (scale * q_t)
+
+Memory under reverse-mode autodiff is one state per token (``T * K * V`` floats per head): use
+this impl for decoding and short sequences, and ``chunked`` for training.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset):
+    """Sequential gated delta rule.
+
+    Args:
+      q, k: ``[B, T, H, K]`` float32; v: ``[B, T, H, V]`` float32.
+      g: ``[B, T, H]`` float32 log-decay (<= 0); beta: ``[B, T, H]`` float32.
+      scale: python float multiplying q.
+      initial_state: ``[B, H, K, V]`` float32.
+      reset: ``[B, T]`` bool, True where a token starts from a zero state.
+
+    Returns:
+      o ``[B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
+    """
+
+    def step(state, xs):
+        q_t, k_t, v_t, g_t, b_t, r_t = xs  # [B,H,K] [B,H,K] [B,H,V] [B,H] [B,H] [B]
+        state = jnp.where(r_t[:, None, None, None], 0.0, state)
+        state = state * jnp.exp(g_t)[..., None, None]
+        prediction = jnp.einsum("bhkv,bhk->bhv", state, k_t, precision=_HIGHEST)
+        update = b_t[..., None] * (v_t - prediction)
+        state = state + k_t[..., :, None] * update[..., None, :]
+        o_t = jnp.einsum("bhkv,bhk->bhv", state, q_t * scale, precision=_HIGHEST)
+        return state, o_t
+
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, reset)]
+    final_state, o = jax.lax.scan(step, initial_state, time_major)
+    return jnp.moveaxis(o, 0, 1), final_state
