@@ -1,0 +1,96 @@
+"""Causal / sliding-window attention against the float64 dense reference."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from infinitevl_jax.ops.attention import attention, masked_attention, visibility
+from infinitevl_jax.models.sliding_attention import slot_token_index
+from tests.reference.attention import attention_ref
+
+B, T, HQ, HKV, D = 2, 150, 4, 2, 16
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(B, T, HQ, D)).astype(np.float32)
+    k = rng.normal(size=(B, T, HKV, D)).astype(np.float32)
+    v = rng.normal(size=(B, T, HKV, D)).astype(np.float32)
+    segments = np.stack([np.repeat([0, 1, 2], [40, 70, 40]), np.repeat([5, 6], [100, 50])]).astype(np.int32)
+    return q, k, v, segments
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("window", [None, 1, 16, 37, 1000])
+def test_matches_dense_reference(qkv, impl, window):
+    q, k, v, _ = qkv
+    out = attention(q, k, v, window=window, impl=impl, block_size=32)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, window=window), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_segments_never_cross(qkv, impl):
+    q, k, v, segments = qkv
+    out = attention(q, k, v, window=37, segment_ids=segments, impl=impl, block_size=32)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, window=37, segment_ids=segments), atol=2e-5, rtol=2e-5)
+
+
+def test_blockwise_long_sequence_window_semantics():
+    """T = 4 W: a window of W keys includes the query itself (FA2's (W-1, W-1) causal window)."""
+    rng = np.random.default_rng(1)
+    t, w = 256, 64
+    q, k, v = (rng.normal(size=(1, t, 2, 8)).astype(np.float32) for _ in range(3))
+    out = attention(q, k, v, window=w, impl="blockwise", block_size=48)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, window=w), atol=2e-5, rtol=2e-5)
+    # Changing a key exactly W tokens back must not change the query's output; W - 1 back must.
+    k2 = k.copy()
+    k2[0, 100 - w] += 10.0
+    same = attention(q, k2, v, window=w, impl="blockwise", block_size=48)
+    np.testing.assert_array_equal(np.asarray(same)[0, 100], np.asarray(out)[0, 100])
+    k2[0, 100 - w + 1] += 10.0
+    moved = attention(q, k2, v, window=w, impl="blockwise", block_size=48)
+    assert np.abs(np.asarray(moved)[0, 100] - np.asarray(out)[0, 100]).max() > 1e-3
+
+
+def test_blockwise_gradients_match_dense(qkv):
+    q, k, v, segments = qkv
+    loss = lambda impl: lambda q, k, v: jnp.sum(
+        attention(q, k, v, window=20, segment_ids=segments, impl=impl, block_size=32) ** 2)
+    dense = jax.grad(loss("dense"), argnums=(0, 1, 2))(q, k, v)
+    block = jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(dense, block):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_attention_with_ring_indices():
+    """The cache path: keys in ring slots with derived token indices plus the new tokens."""
+    rng = np.random.default_rng(2)
+    capacity, index, t, w = 7, 12, 3, 8
+    slots = np.asarray(slot_token_index(index, capacity))
+    assert sorted(slots) == list(range(index - capacity, index))
+    k_index = np.concatenate([slots, index + np.arange(t)])
+    q_index = index + np.arange(t)
+    q = rng.normal(size=(1, t, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(1, capacity + t, 2, 8)).astype(np.float32) for _ in range(2))
+    out = masked_attention(q, k, v, visibility(jnp.asarray(q_index), jnp.asarray(k_index), w)[None])
+    ref = attention_ref(q, k, v, window=w, q_index=q_index, k_index=k_index)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_empty_slots_are_invisible():
+    slots = np.asarray(slot_token_index(2, 5))
+    assert (slots < 0).sum() == 3 and sorted(slots[slots >= 0]) == [0, 1]
+
+
+def test_bad_inputs_name_the_problem(qkv):
+    q, k, v, segments = qkv
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        attention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="segment_ids"):
+        attention(q, k, v, segment_ids=segments[:, :10])
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        attention(q, k, v, impl="flash")
