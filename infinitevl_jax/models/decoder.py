@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infinitevl_jax.models.config import DecoderConfig
-from infinitevl_jax.models.gated_deltanet import GatedDeltaNet
+from infinitevl_jax.models.gated_deltanet import GatedDeltaNet, init_gated_deltanet_cache
 from infinitevl_jax.models.layers import RMSNorm, SwiGLU
-from infinitevl_jax.models.sliding_attention import SelfAttention
+from infinitevl_jax.models.sliding_attention import SelfAttention, init_kv_cache
 from infinitevl_jax.ops.rope import rope_cos_sin
 
 _REMAT = {
@@ -51,11 +51,6 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, rngs=rngs)
-
-    def init_cache(self, batch, max_len):
-        if self.layer_type == "linear_attention":
-            return self.mixer.init_cache(batch)
-        return self.mixer.init_cache(batch, max_len)
 
     def __call__(self, x, cos, sin, *, cache=None, index=0, segment_ids=None):
         h = self.input_layernorm(x)
@@ -105,10 +100,12 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int | None = None) -> DecoderCache:
         """Empty cache; ``max_len`` is required only when the pattern has full-attention layers."""
-        graphdef, state = nnx.split(self.blocks)
-        one_block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-        per_block = tuple(layer.init_cache(batch, max_len) for layer in one_block.layers)
-        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.num_blocks, *a.shape)), per_block)
+        cfg = self.cfg
+        per_block = tuple(
+            init_gated_deltanet_cache(cfg, batch) if t == "linear_attention"
+            else init_kv_cache(cfg, cfg.window_of(t), batch, max_len)
+            for t in cfg.block_pattern)
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_blocks, *a.shape)), per_block)
         return DecoderCache(layers=stacked, index=jnp.zeros((), jnp.int32))
 
     def embed(self, input_ids):

@@ -37,6 +37,17 @@ class GatedDeltaNetCache(NamedTuple):
     state: jax.Array
 
 
+def init_gated_deltanet_cache(cfg: DecoderConfig, batch: int) -> GatedDeltaNetCache:
+    """Zero conv tails (compute dtype) and zero float32 state: the start of a sequence."""
+    g, dtype = cfg.gdn, cfg.compute_dtype
+    key_dim, value_dim = g.num_heads * g.head_k_dim, g.num_heads * g.head_v_dim
+    return GatedDeltaNetCache(
+        conv_q=init_conv_cache(batch, g.conv_size, key_dim, dtype),
+        conv_k=init_conv_cache(batch, g.conv_size, key_dim, dtype),
+        conv_v=init_conv_cache(batch, g.conv_size, value_dim, dtype),
+        state=jnp.zeros((batch, g.num_heads, g.head_k_dim, g.head_v_dim), jnp.float32))
+
+
 def l2_normalize(x, eps=1e-6):
     """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (FLA's in-kernel l2norm)."""
     x = x.astype(jnp.float32)
@@ -73,15 +84,6 @@ class GatedDeltaNet(nnx.Module):
         dt = jnp.maximum(jnp.exp(_uniform(rngs, (g.num_heads,), math.log(1e-3), math.log(1e-1))), 1e-4)
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(cfg.weight_dtype), logical_axes=("heads",))
         self.o_norm = GatedRMSNorm(g.head_v_dim, eps=g.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-
-    def init_cache(self, batch: int) -> GatedDeltaNetCache:
-        g, dtype = self.cfg.gdn, self.cfg.compute_dtype
-        key_dim, value_dim = g.num_heads * g.head_k_dim, g.num_heads * g.head_v_dim
-        return GatedDeltaNetCache(
-            conv_q=init_conv_cache(batch, g.conv_size, key_dim, dtype),
-            conv_k=init_conv_cache(batch, g.conv_size, key_dim, dtype),
-            conv_v=init_conv_cache(batch, g.conv_size, value_dim, dtype),
-            state=jnp.zeros((batch, g.num_heads, g.head_k_dim, g.head_v_dim), jnp.float32))
 
     def __call__(self, x, *, cache: GatedDeltaNetCache | None = None, segment_ids=None):
         """x ``[B, T, D]`` -> (``[B, T, D]``, updated cache or None)."""

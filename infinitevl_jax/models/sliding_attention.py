@@ -37,6 +37,19 @@ def slot_token_index(index, capacity):
     return index - 1 - jnp.mod(index - 1 - slots, capacity)
 
 
+def init_kv_cache(cfg: DecoderConfig, window: int | None, batch: int, max_len: int | None = None) -> KVCache:
+    """Empty ring buffer: ``window - 1`` slots for a sliding layer (fewer if ``max_len`` is
+    smaller), ``max_len`` slots for a full-attention layer (required there)."""
+    if window is not None:
+        capacity = window - 1 if max_len is None else min(window - 1, max_len)
+    elif max_len is None:
+        raise ValueError("a full-attention layer's cache needs max_len (the most tokens it must hold)")
+    else:
+        capacity = max_len
+    shape = (batch, max(capacity, 1), cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, window: int | None, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -47,17 +60,6 @@ class SelfAttention(nnx.Module):
         self.k_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
         self.v_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
         self.o_proj = Dense(hq * hd, d, axes=("heads", "embed"), **dense)
-
-    def cache_capacity(self, max_len: int | None) -> int:
-        if self.window is not None:
-            return self.window - 1 if max_len is None else min(self.window - 1, max_len)
-        if max_len is None:
-            raise ValueError("a full-attention layer's cache needs max_len (tokens it must hold)")
-        return max_len
-
-    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        shape = (batch, max(self.cache_capacity(max_len), 1), self.cfg.num_key_value_heads, self.cfg.head_dim)
-        return KVCache(jnp.zeros(shape, self.cfg.compute_dtype), jnp.zeros(shape, self.cfg.compute_dtype))
 
     def __call__(self, x, cos, sin, *, cache: KVCache | None = None, index=0, segment_ids=None):
         """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``; with a cache, ``index`` = tokens seen before x."""

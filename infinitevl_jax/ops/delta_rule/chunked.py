@@ -12,21 +12,25 @@ and ``E_ij = exp(gamma_i - gamma_j)`` for ``i >= j``:
     O  = scale * [ diag(e^gamma) Q S + (Q K^T * E * L) V' ]
     S <- e^{gamma_C} S + (diag(e^{gamma_C - gamma}) K)^T V'
 
-Everything inside a chunk is a matmul (computed for all chunks at once); only the ``[K, V]``
-state walks across chunks in a ``lax.scan``. Packed-sequence resets are masks: token i sees
+Everything inside a chunk is a matmul computed for all chunks at once: ``(I + A)^-1`` by block
+doubling (``triangular.py``), then W and U. Only the state walks across chunks in a ``lax.scan``
+(two matmuls per chunk: ``V' = U - W S`` and the state update); the outputs are batched matmuls
+afterwards, from the saved chunk-entry states. Packed-sequence resets are masks: token i sees
 token j only inside the same segment, the entering state only if no reset happened in the
 chunk up to i, and the leaving state collects only the chunk's last segment.
 
 Exponentials only ever see differences ``gamma_i - gamma_j`` with ``i >= j`` (never
 ``exp(-gamma)``), and masked entries are zeroed in the exponent *before* ``exp``, so strong
 decays underflow cleanly to 0 and gradients stay finite. All math is float32 at HIGHEST
-precision. Reverse-mode memory is O(T (K + V + C)) plus one state per chunk.
+precision. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from infinitevl_jax.ops.delta_rule.triangular import unit_lower_inverse
 
 CHUNK_SIZE = 64
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -71,9 +75,10 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, chun
     gamma = jnp.cumsum(g, axis=-1)  # [B, N, H, C]
     row = jnp.arange(c)[:, None]
     col = jnp.arange(c)[None, :]
-    # gamma_i - gamma_j summed over (j, i] directly: a difference of two long running sums would
-    # lose float32 precision after strong decays (|gamma| ~ 1e3) just where exp() still matters.
-    exponent = jnp.cumsum(jnp.where(row > col, g[..., :, None], 0.0), axis=-2)  # [B, N, H, C, C]
+    # gamma_i - gamma_j as the sum of g over (j, i] (a matmul with the lower-triangular ones
+    # matrix): a difference of two long running sums would lose float32 precision after strong
+    # decays (|gamma| ~ 1e3) exactly where exp() still matters.
+    exponent = _mm("im,bnhmj->bnhij", (row >= col).astype(jnp.float32), jnp.where(row > col, g[..., :, None], 0.0))
     same_segment = segment[..., :, None] == segment[..., None, :]  # [B, N, C, C]
     visible = ((row >= col) & same_segment)[:, :, None]  # [B, N, 1, C, C]
     decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)  # E * L * same-segment
@@ -84,26 +89,26 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, chun
     decay_out = jnp.where(in_last_segment, jnp.exp(exponent[..., -1, :]), 0.0)  # token j -> chunk end
     decay_chunk = jnp.where(sees_state[..., -1], jnp.exp(gamma[..., -1]), 0.0)  # [B, N, H]
 
-    strict = (row > col)
+    strict = row > col
     a = jnp.where(strict, beta[..., :, None] * decay * _mm("bnhik,bnhjk->bnhij", k, k), 0.0)
-    unit_lower = a + jnp.eye(c, dtype=a.dtype)
-    rhs = jnp.concatenate([(beta * decay_in)[..., None] * k, beta[..., None] * v], axis=-1)
-    wu = jax.scipy.linalg.solve_triangular(unit_lower, rhs, lower=True, unit_diagonal=True)
-    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1]:]
-
-    q_scaled = q * scale
-    attn = _mm("bnhik,bnhjk->bnhij", q_scaled, k) * decay
-    q_in = q_scaled * decay_in[..., None]
+    inverse = unit_lower_inverse(a)  # (I + A)^-1, [B, N, H, C, C]
+    w = _mm("bnhij,bnhjk->bnhik", inverse, (beta * decay_in)[..., None] * k)
+    u = _mm("bnhij,bnhjv->bnhiv", inverse, beta[..., None] * v)
     k_out = k * decay_out[..., None]
 
     def step(state, xs):
-        w_c, u_c, attn_c, q_c, k_c, d_c = xs
+        w_c, u_c, k_c, d_c = xs
         v_new = u_c - _mm("bhck,bhkv->bhcv", w_c, state)
-        o_c = _mm("bhck,bhkv->bhcv", q_c, state) + _mm("bhij,bhjv->bhiv", attn_c, v_new)
-        state = d_c[..., None, None] * state + _mm("bhck,bhcv->bhkv", k_c, v_new)
-        return state, o_c
+        next_state = d_c[..., None, None] * state + _mm("bhck,bhcv->bhkv", k_c, v_new)
+        return next_state, (state, v_new)
 
-    xs = [jnp.moveaxis(x, 1, 0) for x in (w, u, attn, q_in, k_out, decay_chunk)]
-    final_state, o = jax.lax.scan(step, initial_state, xs)  # o: [N, B, H, C, V]
-    o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(batch, n * c, heads, -1)
+    xs = [jnp.moveaxis(x, 1, 0) for x in (w, u, k_out, decay_chunk)]
+    final_state, (entry_states, v_new) = jax.lax.scan(step, initial_state, xs)
+    entry_states, v_new = jnp.moveaxis(entry_states, 0, 1), jnp.moveaxis(v_new, 0, 1)  # [B, N, ...]
+
+    q_scaled = q * scale
+    attn = _mm("bnhik,bnhjk->bnhij", q_scaled, k) * decay
+    o = (_mm("bnhck,bnhkv->bnhcv", q_scaled * decay_in[..., None], entry_states)
+         + _mm("bnhij,bnhjv->bnhiv", attn, v_new))  # [B, N, H, C, V]
+    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * c, heads, -1)
     return o[:, :seq_len], final_state

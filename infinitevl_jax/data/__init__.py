@@ -1,0 +1,1 @@
+"""Inputs: tokenizers, chat template, bundled data sets."""
