@@ -261,6 +261,30 @@ def test_weak_decay_after_extreme_run_keeps_float32_precision(impl, big):
     assert_matches_ref(o, state, ref_o, ref_state, tol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_long_sequence_with_resets_zero_decay_chunks_and_spikes(impl):
+    """FLA's hard cases together at T = 2048: whole chunks with g = 0, single -20 steps (also
+    on chunk edges) and packed-sequence resets, with an initial state."""
+    seq_len = 2048
+    q, k, v, g, beta, s0 = make_inputs(seq_len, seed=31)
+    g[:, 128:256] = 0.0
+    g[0, 1000:1064] = 0.0
+    g[:, [0, 63, 64, 700, 1500, 2047]] = -20.0
+    ids = segment_ids_from_resets(seq_len, ([100, 640, 641, 1300], [64, 1024, 1999]))
+    ref_o, ref_state = gated_delta_rule_ref(q, k, v, g, beta, initial_state=s0, segment_ids=ids)
+    o, state = run_impl(impl, q, k, v, g, beta, initial_state=s0, segment_ids=ids)
+    assert_matches_ref(o, state, ref_o, ref_state)
+
+
+def test_auto_picks_pallas_on_gpu_and_recurrent_for_one_token(monkeypatch):
+    from infinitevl_jax.ops.delta_rule import resolve_impl
+
+    assert resolve_impl("auto", 1) == "recurrent"
+    assert resolve_impl("auto", 300) == ("pallas" if jax.default_backend() == "gpu" else "chunked")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto", 300) == "pallas"
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients: JAX directional derivatives vs float64 central differences of the reference.
 # --------------------------------------------------------------------------------------------

@@ -5,20 +5,29 @@ the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, a
 
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
-- ``"auto"``: ``recurrent`` for a single token, otherwise ``chunked`` (the fastest correct impl
-  on every backend until the Pallas kernels land).
+- ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in a Pallas kernel
+  with a hand-written reverse walk for gradients (Triton on GPU, interpret mode on CPU);
+- ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and ``chunked``
+  elsewhere (the fastest correct impl per backend, measured in benchmarks/RESULTS.md).
+
+Precision: decays, the chunk's triangular inverse and the state are float32 whatever the
+input dtype. With bf16/f16 ``v``, the chunk-parallel input-facing matmuls take 16-bit operands
+with float32 accumulation (FLA's choice); with float32 inputs every matmul is float32.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
+from infinitevl_jax.ops.delta_rule.pallas_gpu import pallas_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
 IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
+    "pallas": pallas_gated_delta_rule,
 }
 
 __all__ = ["gated_delta_rule", "segment_resets", "IMPLS", "CHUNK_SIZE"]
@@ -59,7 +68,9 @@ def _check_shapes(q, k, v, g, beta, initial_state, segment_ids):
 def resolve_impl(impl: str, seq_len: int) -> str:
     """Maps ``"auto"`` to a concrete impl name; rejects unknown names."""
     if impl == "auto":
-        return "recurrent" if seq_len == 1 else "chunked"
+        if seq_len == 1:
+            return "recurrent"
+        return "pallas" if jax.default_backend() == "gpu" else "chunked"
     if impl not in IMPLS:
         raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {['auto', *IMPLS]}")
     return impl
@@ -78,7 +89,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
       scale: query scale; default ``K ** -0.5``.
       initial_state: optional ``[B, H, K, V]`` state entering token 0.
       segment_ids: optional ``[B, T]`` integer ids of packed sequences.
-      impl: ``"auto"``, ``"recurrent"`` or ``"chunked"``.
+      impl: ``"auto"``, ``"recurrent"``, ``"chunked"`` or ``"pallas"``.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype, final_state ``[B, H, K, V]`` float32.
@@ -92,5 +103,6 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
     reset = segment_resets(segment_ids, seq_len, batch)
-    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset)
+    matmul_dtype = v.dtype if v.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset, matmul_dtype)
     return o.astype(v.dtype), final_state

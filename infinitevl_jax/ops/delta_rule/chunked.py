@@ -21,11 +21,15 @@ chunk up to i, and the leaving state collects only the chunk's last segment.
 
 Exponentials only ever see differences ``gamma_i - gamma_j`` with ``i >= j`` (never
 ``exp(-gamma)``), and masked entries are zeroed in the exponent *before* ``exp``, so strong
-decays underflow cleanly to 0 and gradients stay finite. All math is float32 at HIGHEST
-precision. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
+decays underflow cleanly to 0 and gradients stay finite. Decays, the triangular inverse and
+the state walk are float32 at HIGHEST precision. ``matmul_dtype`` bfloat16/float16 (used for
+bf16/f16 inputs, as FLA does) gives the input-facing matmuls (``K K^T``, ``Q K^T``, W, U and the
+outputs) operands in that dtype with float32 accumulation. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +40,12 @@ CHUNK_SIZE = 64
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _mm(spec, *operands):
-    return jnp.einsum(spec, *operands, precision=_HIGHEST)
+def _mm(spec, *operands, dtype=jnp.float32):
+    """einsum with float32 results: float32 operands at HIGHEST precision, or operands cast to a
+    16-bit ``dtype`` (tensor-core rate) with float32 accumulation."""
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, *operands, precision=_HIGHEST)
+    return jnp.einsum(spec, *(x.astype(dtype) for x in operands), preferred_element_type=jnp.float32)
 
 
 def _pad_time(x, pad):
@@ -46,7 +54,90 @@ def _pad_time(x, pad):
     return jnp.pad(x, widths)
 
 
-def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, chunk_size=CHUNK_SIZE):
+class ChunkTerms(NamedTuple):
+    """Per-chunk quantities that do not depend on the state; layout ``[B, H, N, C, ...]``.
+
+    w ``[.., C, K]``, u ``[.., C, V]``: the WY/UT terms (``V' = U - W S``); k_out ``[.., C, K]``:
+    keys decayed to the chunk end (state update ``S <- d S + k_out^T V'``); decay ``[B, H, N]``:
+    the chunk's total decay d (0 after a reset); q_in ``[.., C, K]``: scaled queries decayed from
+    the chunk start; attn ``[.., C, C]``: the masked, decayed intra-chunk ``Q K^T``.
+    """
+
+    w: jax.Array
+    u: jax.Array
+    k_out: jax.Array
+    decay: jax.Array
+    q_in: jax.Array
+    attn: jax.Array
+
+
+def prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size=CHUNK_SIZE, matmul_dtype=jnp.float32) -> ChunkTerms:
+    """All chunk-parallel work (batched matmuls), for inputs as in ``chunked_gated_delta_rule``."""
+    batch, seq_len, heads, _ = q.shape
+    c = chunk_size
+    pad = (-seq_len) % c
+    q, k, v, g, beta, reset = (_pad_time(x, pad) for x in (q, k, v, g, beta, reset))
+    n = (seq_len + pad) // c
+
+    def chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
+        return jnp.moveaxis(x.reshape(batch, n, c, heads, *x.shape[3:]), 3, 1)
+
+    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))  # g, beta: [B, H, N, C]
+    segment = jnp.cumsum(reset.reshape(batch, 1, n, c).astype(jnp.int32), axis=-1)  # [B, 1, N, C]
+
+    gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    row = jnp.arange(c)[:, None]
+    col = jnp.arange(c)[None, :]
+    # gamma_i - gamma_j as the sum of g over (j, i] (a matmul with the lower-triangular ones
+    # matrix): a difference of two long running sums would lose float32 precision after strong
+    # decays (|gamma| ~ 1e3) exactly where exp() still matters.
+    exponent = _mm("im,bhnmj->bhnij", (row >= col).astype(jnp.float32), jnp.where(row > col, g[..., :, None], 0.0))
+    same_segment = segment[..., :, None] == segment[..., None, :]  # [B, 1, N, C, C]
+    visible = (row >= col) & same_segment
+    decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)  # E * L * same-segment
+
+    sees_state = segment == 0  # [B, 1, N, C]
+    in_last_segment = segment == segment[..., -1:]
+    decay_in = jnp.where(sees_state, jnp.exp(gamma), 0.0)  # state -> token i
+    decay_out = jnp.where(in_last_segment, jnp.exp(exponent[..., -1, :]), 0.0)  # token j -> chunk end
+    decay_chunk = jnp.where(sees_state[..., -1], jnp.exp(gamma[..., -1]), 0.0)  # [B, H, N]
+
+    a = jnp.where(row > col, beta[..., :, None] * decay * _mm("bhnik,bhnjk->bhnij", k, k, dtype=matmul_dtype), 0.0)
+    inverse = unit_lower_inverse(a)  # (I + A)^-1, [B, H, N, C, C]
+    w = _mm("bhnij,bhnjk->bhnik", inverse, (beta * decay_in)[..., None] * k, dtype=matmul_dtype)
+    u = _mm("bhnij,bhnjv->bhniv", inverse, beta[..., None] * v, dtype=matmul_dtype)
+    q_scaled = q * scale
+    attn = _mm("bhnik,bhnjk->bhnij", q_scaled, k, dtype=matmul_dtype) * decay
+    return ChunkTerms(w=w, u=u, k_out=k * decay_out[..., None], decay=decay_chunk,
+                      q_in=q_scaled * decay_in[..., None], attn=attn)
+
+
+def walk_states(terms: ChunkTerms, initial_state):
+    """The sequential part, as a ``lax.scan`` over chunks: per chunk ``V' = U - W S`` and
+    ``S <- d S + k_out^T V'``. Returns entry states ``[B, H, N, K, V]``, ``V'`` ``[B, H, N, C, V]``
+    and the final state ``[B, H, K, V]``."""
+
+    def step(state, xs):
+        w_c, u_c, k_c, d_c = xs
+        v_new = u_c - _mm("bhck,bhkv->bhcv", w_c, state)
+        next_state = d_c[..., None, None] * state + _mm("bhck,bhcv->bhkv", k_c, v_new)
+        return next_state, (state, v_new)
+
+    xs = [jnp.moveaxis(x, 2, 0) for x in (terms.w, terms.u, terms.k_out, terms.decay)]
+    final_state, (entry_states, v_new) = jax.lax.scan(step, initial_state, xs)
+    return jnp.moveaxis(entry_states, 0, 2), jnp.moveaxis(v_new, 0, 2), final_state
+
+
+def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=jnp.float32):
+    """``O = q_in S_entry + attn V'`` for all chunks at once, back to ``[B, T, H, V]``."""
+    o = (_mm("bhnck,bhnkv->bhncv", terms.q_in, entry_states, dtype=matmul_dtype)
+         + _mm("bhnij,bhnjv->bhniv", terms.attn, v_new, dtype=matmul_dtype))  # [B, H, N, C, V]
+    batch, heads, n, c, d_v = o.shape
+    return jnp.moveaxis(o, 1, 3).reshape(batch, n * c, heads, d_v)[:, :seq_len]
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32,
+                             chunk_size=CHUNK_SIZE):
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
@@ -55,60 +146,12 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, chun
       scale: python float multiplying q.
       initial_state: ``[B, H, K, V]`` float32.
       reset: ``[B, T]`` bool, True where a token starts from a zero state.
+      matmul_dtype: operand dtype of the input-facing matmuls (float32 or a 16-bit type).
       chunk_size: tokens per chunk ``C``.
 
     Returns:
       o ``[B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
     """
-    batch, seq_len, heads, _ = q.shape
-    c = chunk_size
-    pad = (-seq_len) % c
-    q, k, v, g, beta, reset = (_pad_time(x, pad) for x in (q, k, v, g, beta, reset))
-    n = (seq_len + pad) // c
-
-    def chunks(x):  # [B, N*C, H, ...] -> [B, N, H, C, ...]
-        return jnp.moveaxis(x.reshape(batch, n, c, *x.shape[2:]), 2, 3)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))  # g, beta: [B, N, H, C]
-    segment = jnp.cumsum(reset.reshape(batch, n, c).astype(jnp.int32), axis=-1)  # [B, N, C]
-
-    gamma = jnp.cumsum(g, axis=-1)  # [B, N, H, C]
-    row = jnp.arange(c)[:, None]
-    col = jnp.arange(c)[None, :]
-    # gamma_i - gamma_j as the sum of g over (j, i] (a matmul with the lower-triangular ones
-    # matrix): a difference of two long running sums would lose float32 precision after strong
-    # decays (|gamma| ~ 1e3) exactly where exp() still matters.
-    exponent = _mm("im,bnhmj->bnhij", (row >= col).astype(jnp.float32), jnp.where(row > col, g[..., :, None], 0.0))
-    same_segment = segment[..., :, None] == segment[..., None, :]  # [B, N, C, C]
-    visible = ((row >= col) & same_segment)[:, :, None]  # [B, N, 1, C, C]
-    decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)  # E * L * same-segment
-
-    sees_state = (segment == 0)[:, :, None, :]  # [B, N, 1, C]
-    in_last_segment = (segment == segment[..., -1:])[:, :, None, :]
-    decay_in = jnp.where(sees_state, jnp.exp(gamma), 0.0)  # state -> token i
-    decay_out = jnp.where(in_last_segment, jnp.exp(exponent[..., -1, :]), 0.0)  # token j -> chunk end
-    decay_chunk = jnp.where(sees_state[..., -1], jnp.exp(gamma[..., -1]), 0.0)  # [B, N, H]
-
-    strict = row > col
-    a = jnp.where(strict, beta[..., :, None] * decay * _mm("bnhik,bnhjk->bnhij", k, k), 0.0)
-    inverse = unit_lower_inverse(a)  # (I + A)^-1, [B, N, H, C, C]
-    w = _mm("bnhij,bnhjk->bnhik", inverse, (beta * decay_in)[..., None] * k)
-    u = _mm("bnhij,bnhjv->bnhiv", inverse, beta[..., None] * v)
-    k_out = k * decay_out[..., None]
-
-    def step(state, xs):
-        w_c, u_c, k_c, d_c = xs
-        v_new = u_c - _mm("bhck,bhkv->bhcv", w_c, state)
-        next_state = d_c[..., None, None] * state + _mm("bhck,bhcv->bhkv", k_c, v_new)
-        return next_state, (state, v_new)
-
-    xs = [jnp.moveaxis(x, 1, 0) for x in (w, u, k_out, decay_chunk)]
-    final_state, (entry_states, v_new) = jax.lax.scan(step, initial_state, xs)
-    entry_states, v_new = jnp.moveaxis(entry_states, 0, 1), jnp.moveaxis(v_new, 0, 1)  # [B, N, ...]
-
-    q_scaled = q * scale
-    attn = _mm("bnhik,bnhjk->bnhij", q_scaled, k) * decay
-    o = (_mm("bnhck,bnhkv->bnhcv", q_scaled * decay_in[..., None], entry_states)
-         + _mm("bnhij,bnhjv->bnhiv", attn, v_new))  # [B, N, H, C, V]
-    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * c, heads, -1)
-    return o[:, :seq_len], final_state
+    terms = prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
+    entry_states, v_new, final_state = walk_states(terms, initial_state)
+    return chunk_outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state

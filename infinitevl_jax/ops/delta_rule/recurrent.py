@@ -20,7 +20,7 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset):
+def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=None):
     """Sequential gated delta rule.
 
     Args:
@@ -29,6 +29,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset):
       scale: python float multiplying q.
       initial_state: ``[B, H, K, V]`` float32.
       reset: ``[B, T]`` bool, True where a token starts from a zero state.
+      matmul_dtype: ignored; the token recurrence is float32 throughout.
 
     Returns:
       o ``[B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.

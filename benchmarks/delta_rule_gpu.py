@@ -1,0 +1,165 @@
+"""Gated delta rule on an NVIDIA GPU: Pallas vs our chunked JAX impl vs FLA 0.6.0 (Triton).
+
+    python -m benchmarks.delta_rule_gpu [--out benchmarks/results/delta_rule_gpu.json] [--no-fla]
+
+1. Correctness on the GPU: Pallas against the pure-JAX chunked impl (relative max error of the
+   outputs, final state and all gradients) at B1 T4096 and at a ragged B2 T300 (5 chunks).
+2. Timing, forward and forward+backward, at B1 T4096, B1 T16384, B1 T65536, B8 T4096 with
+   H16 d_k 128 d_v 256, bf16 q/k/v/beta and float32 g (InfiniteVL's GDN shapes); q, k unit-norm.
+   Medians of wall-clock timed calls after warm-up (outputs synchronised).
+3. A table with ratios to FLA and the fraction of the roofline floor (spec/kernels.md section 6:
+   312.7 kFLOP and 1542 B per token-head forward, 852 kFLOP and ~4.6 KB backward), and JSON.
+
+FLA refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640: wrong values); the
+guard is lifted for timing only (``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import device_description, median_ms, print_table, write_json
+from infinitevl_jax.ops.delta_rule import gated_delta_rule
+
+H, K, V = 16, 128, 256
+SHAPES = [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
+IMPLS = ("pallas", "chunked")
+FWD_FLOP, FWD_BYTES = 312.7e3, 1542.0  # per token and head
+BWD_FLOP, BWD_BYTES = 852.0e3, 4600.0
+PEAKS = {"H100": (798e12, 3.0e12), "H200": (790e12, 4.3e12)}  # measured bf16 FLOP/s, copy B/s
+
+
+def make_inputs(batch, seq_len, seed=0):
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(rng.normal(size=(batch, seq_len, H, K)))
+    k = unit(rng.normal(size=(batch, seq_len, H, K)))
+    v = rng.normal(size=(batch, seq_len, H, V))
+    g = np.log(rng.uniform(0.9, 1.0, size=(batch, seq_len, H)))
+    beta = rng.uniform(0.0, 1.0, size=(batch, seq_len, H))
+    return dict(q=q.astype(np.float32), k=k.astype(np.float32), v=v.astype(np.float32),
+                g=g.astype(np.float32), beta=beta.astype(np.float32))
+
+
+def jax_args(x):
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    return bf16(x["q"]), bf16(x["k"]), bf16(x["v"]), jnp.asarray(x["g"]), bf16(x["beta"])
+
+
+def jax_forward(impl):
+    return jax.jit(lambda *a: gated_delta_rule(*a, impl=impl))
+
+
+def jax_forward_backward(impl):
+    def loss(*a):
+        o, state = gated_delta_rule(*a, impl=impl)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(state)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def check_pallas(x):
+    args = jax_args(x)
+    out = {impl: jax_forward(impl)(*args) for impl in IMPLS}
+    grads = {impl: jax_forward_backward(impl)(*args) for impl in IMPLS}
+    errors = dict(o=rel_err(out["pallas"][0], out["chunked"][0]),
+                  final_state=rel_err(out["pallas"][1], out["chunked"][1]))
+    for name, gp, gc in zip(("dq", "dk", "dv", "dg", "dbeta"), grads["pallas"], grads["chunked"]):
+        errors[name] = rel_err(gp, gc)
+    return errors
+
+
+class FLA:
+    """FLA 0.6.0's chunk_gated_delta_rule on torch tensors with the same values."""
+
+    def __init__(self):
+        import torch
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only; see the module docstring
+        self.torch, self.op = torch, chunk_gated_delta_rule
+
+    def tensors(self, x, grad):
+        t = self.torch
+        to = lambda a, dtype: t.tensor(a, dtype=dtype, device="cuda").requires_grad_(grad)
+        return (to(x["q"], t.bfloat16), to(x["k"], t.bfloat16), to(x["v"], t.bfloat16),
+                to(x["g"], t.float32), to(x["beta"], t.bfloat16))
+
+    def median_ms(self, x, backward, iters=10):
+        q, k, v, g, beta = self.tensors(x, backward)
+
+        def call():
+            o, state = self.op(q, k, v, g, beta, output_final_state=True)
+            if backward:
+                (o.float().pow(2).sum() + state.sum()).backward()
+
+        for _ in range(3):
+            call()
+        self.torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            call()
+            self.torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
+
+
+def floor_ms(tokens, flop, byte, device):
+    peak_flops, peak_bw = next((v for name, v in PEAKS.items() if name in device), PEAKS["H100"])
+    return tokens * H * max(flop / peak_flops, byte / peak_bw) * 1e3
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/delta_rule_gpu.json")
+    parser.add_argument("--no-fla", action="store_true", help="skip FLA (not installed)")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        raise SystemExit("error: this benchmark needs a GPU (jax.default_backend() is "
+                         f"{jax.default_backend()!r}); run benchmarks.delta_rule_cpu on the CPU")
+    device = device_description()
+    print(f"device: {device}")
+
+    errors = {f"B{b}_T{t}": check_pallas(make_inputs(b, t, seed=1)) for b, t in ((1, 4096), (2, 300))}
+    for shape, errs in errors.items():
+        print(f"pallas vs chunked on the GPU at {shape}, relative max error:",
+              {k: f"{v:.2e}" for k, v in errs.items()})
+
+    fla = None if args.no_fla else FLA()
+    rows = []
+    for batch, seq_len in SHAPES:
+        x = make_inputs(batch, seq_len)
+        args_jax = jax_args(x)
+        for mode, make, flop, byte in (("fwd", jax_forward, FWD_FLOP, FWD_BYTES),
+                                       ("fwd+bwd", jax_forward_backward, FWD_FLOP + BWD_FLOP, FWD_BYTES + BWD_BYTES)):
+            row = dict(B=batch, T=seq_len, mode=mode)
+            for impl in IMPLS:
+                row[f"{impl}_ms"] = median_ms(make(impl), *args_jax, warmup=2, iters=args.iters)
+            if fla is not None:
+                row["fla_ms"] = fla.median_ms(x, backward=mode == "fwd+bwd", iters=args.iters)
+                row["pallas_speedup_vs_fla"] = row["fla_ms"] / row["pallas_ms"]
+                row["chunked_speedup_vs_fla"] = row["fla_ms"] / row["chunked_ms"]
+            row["floor_ms"] = floor_ms(batch * seq_len, flop, byte, device)
+            row["pallas_roofline_fraction"] = row["floor_ms"] / row["pallas_ms"]
+            rows.append(row)
+            print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, list(rows[0]))
+    write_json(args.out, dict(benchmark="delta_rule_gpu", device=device, shape=dict(H=H, K=K, V=V),
+                              dtypes="bf16 q/k/v/beta, float32 g", pallas_vs_chunked_rel_err=errors, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
