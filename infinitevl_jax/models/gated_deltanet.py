@@ -95,14 +95,15 @@ class GatedDeltaNet(nnx.Module):
                                         cache=conv_cache, segment_ids=segment_ids)
             return jax.nn.silu(y).reshape(batch, seq_len, g.num_heads, head_dim), new_conv
 
-        q, conv_q = branch(self.q_proj, self.q_conv, cache and cache.conv_q, g.head_k_dim)
-        k, conv_k = branch(self.k_proj, self.k_conv, cache and cache.conv_k, g.head_k_dim)
-        v, conv_v = branch(self.v_proj, self.v_conv, cache and cache.conv_v, g.head_v_dim)
+        previous = cache if cache is not None else GatedDeltaNetCache(None, None, None, None)  # None: start
+        q, conv_q = branch(self.q_proj, self.q_conv, previous.conv_q, g.head_k_dim)
+        k, conv_k = branch(self.k_proj, self.k_conv, previous.conv_k, g.head_k_dim)
+        v, conv_v = branch(self.v_proj, self.v_conv, previous.conv_v, g.head_v_dim)
         beta = jax.nn.sigmoid(self.b_proj(x))
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         decay = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
         o, state = gated_delta_rule(l2_normalize(q), l2_normalize(k), v, decay, beta,
-                                    initial_state=cache and cache.state, segment_ids=segment_ids,
+                                    initial_state=previous.state, segment_ids=segment_ids,
                                     impl=self.cfg.delta_rule_impl)
         gate = self.g_proj(x).reshape(batch, seq_len, g.num_heads, g.head_v_dim)
         out = self.o_proj(self.o_norm(o, gate).reshape(batch, seq_len, -1))
