@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 
@@ -94,3 +95,14 @@ def test_bad_inputs_name_the_problem(qkv):
         attention(q, k, v, segment_ids=segments[:, :10])
     with pytest.raises(ValueError, match="unknown attention impl"):
         attention(q, k, v, impl="flash")
+
+
+@settings(max_examples=60, deadline=None)
+@given(index=st.integers(0, 10_000), capacity=st.integers(1, 300))
+def test_ring_slots_hold_exactly_the_newest_tokens(index, capacity):
+    """After `index` tokens, the filled slots hold token indices max(0, index - capacity) .. index - 1,
+    token n in slot n % capacity, and the rest are marked empty (< 0)."""
+    slots = np.asarray(slot_token_index(index, capacity))
+    filled = slots[slots >= 0]
+    assert sorted(filled) == list(range(max(0, index - capacity), index))
+    assert all(slots[n % capacity] == n for n in filled)
