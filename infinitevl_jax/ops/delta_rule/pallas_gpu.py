@@ -32,7 +32,11 @@ from jax.experimental import pallas as pl
 from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks
 
 _F32 = jnp.float32
-MAX_BLOCK_V = 64
+# Measured on an H200 at B1 T65536 forward (benchmarks/RESULTS.md): V-blocks of 32 (128 programs
+# for 16 heads, filling the GPU) with 2 pipeline stages on the chunk loop: 13.7 ms, against
+# 19.1 ms for 64 / 1 stage; 3 stages or 128-wide blocks exceed shared memory.
+MAX_BLOCK_V = 32  # V-block per program: B * H * V / MAX_BLOCK_V programs walk in parallel
+TRITON_PARAMS = dict(num_warps=4, num_stages=2)
 MIN_DOT_DIM = 16  # Triton's smallest dot operand dimension
 
 
@@ -87,7 +91,7 @@ def _backend_params():
     backend = jax.default_backend()
     if backend == "gpu":
         from jax.experimental.pallas import triton as pltriton
-        return (False, pltriton.CompilerParams(num_warps=4, num_stages=1),
+        return (False, pltriton.CompilerParams(**TRITON_PARAMS),
                 jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
     if backend == "cpu":
         return True, None, jax.lax.Precision.HIGHEST
