@@ -32,11 +32,15 @@ from jax.experimental import pallas as pl
 from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks
 
 _F32 = jnp.float32
-# Measured on an H200 at B1 T65536 forward (benchmarks/RESULTS.md): V-blocks of 32 (128 programs
-# for 16 heads, filling the GPU) with 2 pipeline stages on the chunk loop: 13.7 ms, against
-# 19.1 ms for 64 / 1 stage; 3 stages or 128-wide blocks exceed shared memory.
+# Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py): V-blocks of 32
+# (128 programs for 16 heads, filling the GPU) with 2 pipeline stages on the chunk loop: 13.2 ms,
+# against 18.9 ms for 64 / 1 stage; 128-wide blocks, or 3 stages at 64, exceed shared memory.
 MAX_BLOCK_V = 32  # V-block per program: B * H * V / MAX_BLOCK_V programs walk in parallel
 TRITON_PARAMS = dict(num_warps=4, num_stages=2)
+# In-kernel float32 matmuls on GPU, see _backend_params. These three are read when a kernel is
+# first traced (Pallas caches traced kernels): benchmarks/delta_rule_gpu_tuning.py sets them
+# in a fresh process per setting.
+GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 MIN_DOT_DIM = 16  # Triton's smallest dot operand dimension
 
 
@@ -84,15 +88,15 @@ def _backend_params():
     """``(interpret, compiler_params, precision)`` for the default backend.
 
     GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on tensor cores.
-    Measured on an H200 at T16384 (benchmarks/RESULTS.md): plain TF32 (Triton's default, and
-    what ``Precision.HIGH`` lowers to) left 5e-4 relative error in the state; IEEE float32
-    (``HIGHEST``) was 22x slower than 3xTF32 for the same accuracy.
+    Measured on an H200 at T16384 (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md): plain TF32
+    (Triton's default, and what ``Precision.HIGH`` lowers to) left 4e-4 relative error in the
+    state; IEEE float32 (``HIGHEST``) was 22x slower than 3xTF32 at 64-wide V-blocks and runs
+    out of resources at the chosen launch settings.
     """
     backend = jax.default_backend()
     if backend == "gpu":
         from jax.experimental.pallas import triton as pltriton
-        return (False, pltriton.CompilerParams(**TRITON_PARAMS),
-                jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+        return False, pltriton.CompilerParams(**TRITON_PARAMS), GPU_PRECISION
     if backend == "cpu":
         return True, None, jax.lax.Precision.HIGHEST
     raise NotImplementedError(

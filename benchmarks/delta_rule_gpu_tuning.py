@@ -1,0 +1,129 @@
+"""How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
+
+    python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
+
+1. stages: B1 T65536 forward split into prepare_chunks (XLA), the walk (Pallas kernel, and the
+   XLA ``lax.scan`` walk for comparison) and chunk_outputs (XLA); the walk forward+backward.
+2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
+   float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
+3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward.
+
+Pallas caches traced kernels, so every precision and launch setting runs in a fresh process.
+H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import device_description, median_ms, print_table, write_json
+from benchmarks.delta_rule_gpu import H, K, V, jax_args, make_inputs
+from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, segment_resets
+from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks, walk_states
+
+PRECISIONS = {
+    "DEFAULT": jax.lax.Precision.DEFAULT,
+    "HIGH": jax.lax.Precision.HIGH,
+    "TF32_TF32_F32_X3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "F32_F32_F32": jax.lax.DotAlgorithmPreset.F32_F32_F32,
+    "HIGHEST": jax.lax.Precision.HIGHEST,
+}
+LAUNCHES = [(64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (32, 4, 1), (32, 4, 2), (32, 4, 3),
+            (32, 2, 2), (16, 4, 2)]  # (V-block, num_warps, num_stages)
+
+
+def stages():
+    batch, seq_len = 1, 65536
+    f32 = [x.astype(jnp.float32) for x in jax_args(make_inputs(batch, seq_len))]
+    reset = segment_resets(None, seq_len, batch)
+    s0 = jnp.zeros((batch, H, K, V), jnp.float32)
+    prepare = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, reset, matmul_dtype=jnp.bfloat16))
+    terms = prepare(*f32)
+    walk_pallas, walk_scan = jax.jit(pallas_gpu.pallas_walk_states), jax.jit(walk_states)
+    states, v_new, _ = walk_pallas(terms, s0)
+    outputs = jax.jit(lambda t, s, vn: chunk_outputs(t, s, vn, seq_len, jnp.bfloat16))
+
+    def walk_loss(t, s):
+        st, vn, final = pallas_gpu.pallas_walk_states(t, s)
+        return jnp.sum(st) + jnp.sum(vn) + jnp.sum(final)
+
+    rows = [dict(stage=name, ms=median_ms(fn, *args, iters=10)) for name, fn, args in (
+        ("prepare_chunks (XLA)", prepare, f32),
+        ("walk (Pallas)", walk_pallas, (terms, s0)),
+        ("walk (XLA lax.scan)", walk_scan, (terms, s0)),
+        ("chunk_outputs (XLA)", outputs, (terms, states, v_new)),
+        ("walk fwd+bwd (Pallas)", jax.jit(jax.grad(walk_loss, argnums=(0, 1))), (terms, s0)))]
+    gib = (sum(x.nbytes for x in jax.tree.leaves(terms)) + states.nbytes + v_new.nbytes) / 2**30
+    return rows, gib
+
+
+def precision_row(name):
+    pallas_gpu.GPU_PRECISION = PRECISIONS[name]
+    args = [x.astype(jnp.float32) for x in jax_args(make_inputs(1, 16384, seed=3))]
+    reference = jax.jit(lambda *a: gated_delta_rule(*a, impl="chunked"))(*args)
+    fn = jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas"))
+    o, state = fn(*args)
+    err = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    return dict(o_rel_err=err(o, reference[0]), state_rel_err=err(state, reference[1]),
+                ms=median_ms(fn, *args, iters=10))
+
+
+def launch_row(block_v, warps, num_stages):
+    pallas_gpu.MAX_BLOCK_V = block_v
+    pallas_gpu.TRITON_PARAMS = dict(num_warps=warps, num_stages=num_stages)
+    args = jax_args(make_inputs(1, 65536))
+    return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10))
+
+
+def in_fresh_process(*setting):
+    """One setting in a new process; a setting that fails to compile or run (e.g. shared memory
+    exceeded) is a result of the sweep, recorded with the last line of its error."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.delta_rule_gpu_tuning", "--one", *map(str, setting)],
+                          capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stderr.strip().splitlines() or ["no output"]
+    return dict(ms=None, error=lines[-1][:200])
+
+
+def _shown(row):
+    """A table row with failed settings marked, and float errors in scientific notation."""
+    if row["ms"] is None:
+        return {**row, "ms": "failed", "o_rel_err": "-", "state_rel_err": "-"}
+    return {k: (f"{v:.1e}" if k.endswith("rel_err") else v) for k, v in row.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/delta_rule_gpu_tuning.json")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # internal: one setting, JSON on stdout
+    args = parser.parse_args(argv)
+    if args.one:
+        kind, *rest = args.one
+        print(json.dumps(precision_row(*rest) if kind == "precision" else launch_row(*map(int, rest))))
+        return
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"error: this benchmark needs a GPU (backend is {jax.default_backend()!r})")
+    device = device_description()
+    print(f"device: {device}")
+    stage_rows, gib = stages()
+    print_table(stage_rows, ["stage", "ms"])
+    print(f"per-chunk terms + entry states + V': {gib:.2f} GiB\n")
+    precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
+    print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
+    print()
+    launch_rows = [dict(block_v=b, num_warps=w, num_stages=st, **in_fresh_process("launch", b, w, st))
+                   for b, w, st in LAUNCHES]
+    print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
+    write_json(args.out, dict(benchmark="delta_rule_gpu_tuning", device=device, stages=stage_rows,
+                              terms_gib=gib, precision=precision_rows, launch=launch_rows))
+
+
+if __name__ == "__main__":
+    main()
