@@ -19,12 +19,14 @@ afterwards, from the saved chunk-entry states. Packed-sequence resets are masks:
 token j only inside the same segment, the entering state only if no reset happened in the
 chunk up to i, and the leaving state collects only the chunk's last segment.
 
-Exponentials only ever see differences ``gamma_i - gamma_j`` with ``i >= j`` (never
-``exp(-gamma)``), and masked entries are zeroed in the exponent *before* ``exp``, so strong
-decays underflow cleanly to 0 and gradients stay finite. Decays, the triangular inverse and
-the state walk are float32 at HIGHEST precision. ``matmul_dtype`` bfloat16/float16 (used for
-bf16/f16 inputs, as FLA does) gives the input-facing matmuls (``K K^T``, ``Q K^T``, W, U and the
-outputs) operands in that dtype with float32 accumulation. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
+Exponentials only ever see ``gamma_i - gamma_j`` with ``i >= j`` (never ``exp(-gamma)``),
+formed as the sum of g over ``(j, i]`` rather than as a difference of two long running sums,
+and masked entries are zeroed in the exponent *before* ``exp``, so strong decays underflow
+cleanly to 0, stay float32-accurate afterwards, and gradients stay finite. Decays, the
+triangular inverse and the state walk are float32 at HIGHEST precision. ``matmul_dtype``
+bfloat16/float16 (used for bf16/f16 inputs, as FLA does) gives the input-facing matmuls
+(``K K^T``, ``Q K^T``, W, U and the outputs) operands in that dtype with float32 accumulation.
+Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
 """
 
 from __future__ import annotations
