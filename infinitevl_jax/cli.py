@@ -36,9 +36,9 @@ def _describe(cfg: DecoderConfig) -> str:
     return f"{cfg.num_layers} layers = {cfg.num_blocks} x [{pattern}], width {cfg.hidden_size}"
 
 
-def _param_count(cfg: DecoderConfig) -> int:
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+def _param_count(model: Decoder) -> int:
+    """Parameters of a model, concrete or abstract (``nnx.eval_shape``)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def cmd_info(args, overrides) -> int:
@@ -49,7 +49,7 @@ def cmd_info(args, overrides) -> int:
     cache = jax.eval_shape(lambda: abstract.init_cache(1, max_len))
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     print(f"preset {args.config}: {_describe(cfg)}")
-    print(f"parameters: {_param_count(cfg) / 1e9:.3f} B")
+    print(f"parameters: {_param_count(abstract) / 1e9:.3f} B")
     print(f"decode cache per sequence: {cache_bytes / 2**20:.1f} MiB"
           + (f" (full attention sized for {max_len} tokens: grows with context)" if has_full
              else " (constant: independent of tokens seen)"))
@@ -79,7 +79,7 @@ def cmd_demo(args, overrides) -> int:
     ids = jnp.asarray([tokenizer.encode(chat_prompt(sample.question))], jnp.int32)
     model = Decoder(cfg, rngs=nnx.Rngs(args.seed))
     print(f"model: preset {args.config}, {_describe(cfg)}, "
-          f"{_param_count(cfg) / 1e6:.2f} M parameters, random init (seed {args.seed})")
+          f"{_param_count(model) / 1e6:.2f} M parameters, random init (seed {args.seed})")
 
     forward = nnx.jit(lambda m, x: m(x)[0])
     step = nnx.jit(lambda m, x, c: m(x, cache=c))
