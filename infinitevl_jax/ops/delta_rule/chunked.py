@@ -139,7 +139,7 @@ def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32,
-                             chunk_size=CHUNK_SIZE):
+                             chunk_size=CHUNK_SIZE, walk=walk_states):
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
@@ -150,10 +150,12 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
       reset: ``[B, T]`` bool, True where a token starts from a zero state.
       matmul_dtype: operand dtype of the input-facing matmuls (float32 or a 16-bit type).
       chunk_size: tokens per chunk ``C``.
+      walk: the sequential part, ``(terms, initial_state) -> (entry states, V', final state)``;
+        ``walk_states`` (``lax.scan``) or the Pallas kernels (``pallas_gpu.pallas_walk_states``).
 
     Returns:
       o ``[B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
     """
     terms = prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
-    entry_states, v_new, final_state = walk_states(terms, initial_state)
+    entry_states, v_new, final_state = walk(terms, initial_state)
     return chunk_outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state

@@ -1,8 +1,8 @@
 """Pallas (Triton) kernels for the sequential part of the chunked gated delta rule.
 
-The chunk-parallel WY/UT work (``chunked.prepare_chunks``) and the outputs
-(``chunked.chunk_outputs``) are batched matmuls that XLA already runs well. What XLA runs badly
-is the walk across chunks: a ``lax.scan`` round-trips the ``[K, V]`` state through HBM on every
+The chunk-parallel WY/UT work and the outputs (``chunked_gated_delta_rule``, which this module
+calls with ``walk=pallas_walk_states``) are batched matmuls that XLA already runs well. What
+XLA runs badly is the walk across chunks: a ``lax.scan`` round-trips the ``[K, V]`` state through HBM on every
 chunk. Here one Pallas program per (batch x head, V-block) keeps its ``[K, BV]`` slice of the
 state on-chip (float32) and walks all chunks in a ``fori_loop``:
 
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks
+from infinitevl_jax.ops.delta_rule.chunked import chunked_gated_delta_rule
 
 _F32 = jnp.float32
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py): V-blocks of 32
@@ -211,8 +211,5 @@ def pallas_walk_states(terms, initial_state):
     return (unflat(states[..., :d_k, :d_v]), unflat(v_new[..., :d_v]), unflat(final[:, :d_k, :d_v]))
 
 
-def pallas_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32):
-    """Same contract as ``chunked_gated_delta_rule``; the chunk walk runs in Pallas."""
-    terms = prepare_chunks(q, k, v, g, beta, scale, reset, matmul_dtype=matmul_dtype)
-    entry_states, v_new, final_state = pallas_walk_states(terms, initial_state)
-    return chunk_outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state
+# Same contract as ``chunked_gated_delta_rule``; the chunk walk runs in Pallas.
+pallas_gated_delta_rule = functools.partial(chunked_gated_delta_rule, walk=pallas_walk_states)
