@@ -12,37 +12,18 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import device_description, median_ms, print_table, write_json
-from infinitevl_jax.ops.delta_rule import gated_delta_rule
+from benchmarks.delta_rule_setup import forward, forward_backward, make_inputs
 
 SHAPES = {"infinitevl_heads": (2, 128, 256), "small_heads": (4, 64, 64)}  # (H, d_k, d_v)
 TARGET = 10.0
 
 
-def inputs(seq_len, heads, d_k, d_v, seed=0):
-    rng = np.random.default_rng(seed)
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    q = unit(rng.normal(size=(1, seq_len, heads, d_k)))
-    k = unit(rng.normal(size=(1, seq_len, heads, d_k)))
-    v = rng.normal(size=(1, seq_len, heads, d_v))
-    g = np.log(rng.uniform(0.9, 1.0, size=(1, seq_len, heads)))
-    beta = rng.uniform(0.0, 1.0, size=(1, seq_len, heads))
-    return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta))
-
-
-def forward(impl):
-    return jax.jit(lambda *a: gated_delta_rule(*a, impl=impl))
-
-
-def forward_backward(impl):
-    def loss(*a):
-        o, state = gated_delta_rule(*a, impl=impl)
-        return jnp.sum(o * o) + jnp.sum(state)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+def inputs(seq_len, heads, d_k, d_v):
+    x = make_inputs(1, seq_len, heads, d_k, d_v)
+    return tuple(jnp.asarray(x[name]) for name in ("q", "k", "v", "g", "beta"))
 
 
 def main(argv=None):

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import delta_rule_setup
 from benchmarks.common import device_description, median_ms, print_table, write_json
-from infinitevl_jax.ops.delta_rule import gated_delta_rule
+from benchmarks.delta_rule_setup import forward, forward_backward
 
 H, K, V = 16, 128, 256
 SHAPES = [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
@@ -35,31 +36,12 @@ PEAKS = {"H100": (798e12, 3.0e12), "H200": (790e12, 4.3e12)}  # measured bf16 FL
 
 
 def make_inputs(batch, seq_len, seed=0):
-    rng = np.random.default_rng(seed)
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    q = unit(rng.normal(size=(batch, seq_len, H, K)))
-    k = unit(rng.normal(size=(batch, seq_len, H, K)))
-    v = rng.normal(size=(batch, seq_len, H, V))
-    g = np.log(rng.uniform(0.9, 1.0, size=(batch, seq_len, H)))
-    beta = rng.uniform(0.0, 1.0, size=(batch, seq_len, H))
-    return dict(q=q.astype(np.float32), k=k.astype(np.float32), v=v.astype(np.float32),
-                g=g.astype(np.float32), beta=beta.astype(np.float32))
+    return delta_rule_setup.make_inputs(batch, seq_len, H, K, V, seed)
 
 
 def jax_args(x):
     bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
     return bf16(x["q"]), bf16(x["k"]), bf16(x["v"]), jnp.asarray(x["g"]), bf16(x["beta"])
-
-
-def jax_forward(impl):
-    return jax.jit(lambda *a: gated_delta_rule(*a, impl=impl))
-
-
-def jax_forward_backward(impl):
-    def loss(*a):
-        o, state = gated_delta_rule(*a, impl=impl)
-        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(state)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
 def rel_err(a, b):
@@ -69,8 +51,8 @@ def rel_err(a, b):
 
 def check_pallas(x):
     args = jax_args(x)
-    out = {impl: jax_forward(impl)(*args) for impl in IMPLS}
-    grads = {impl: jax_forward_backward(impl)(*args) for impl in IMPLS}
+    out = {impl: forward(impl)(*args) for impl in IMPLS}
+    grads = {impl: forward_backward(impl)(*args) for impl in IMPLS}
     errors = dict(o=rel_err(out["pallas"][0], out["chunked"][0]),
                   final_state=rel_err(out["pallas"][1], out["chunked"][1]))
     for name, gp, gc in zip(("dq", "dk", "dv", "dg", "dbeta"), grads["pallas"], grads["chunked"]):
@@ -142,8 +124,8 @@ def main(argv=None):
     for batch, seq_len in SHAPES:
         x = make_inputs(batch, seq_len)
         args_jax = jax_args(x)
-        for mode, make, flop, byte in (("fwd", jax_forward, FWD_FLOP, FWD_BYTES),
-                                       ("fwd+bwd", jax_forward_backward, FWD_FLOP + BWD_FLOP, FWD_BYTES + BWD_BYTES)):
+        for mode, make, flop, byte in (("fwd", forward, FWD_FLOP, FWD_BYTES),
+                                       ("fwd+bwd", forward_backward, FWD_FLOP + BWD_FLOP, FWD_BYTES + BWD_BYTES)):
             row = dict(B=batch, T=seq_len, mode=mode)
             for impl in IMPLS:
                 row[f"{impl}_ms"] = median_ms(make(impl), *args_jax, warmup=2, iters=args.iters)
