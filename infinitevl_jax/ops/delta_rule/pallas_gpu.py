@@ -90,8 +90,8 @@ def _backend_params():
     GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on tensor cores.
     Measured on an H200 at T16384 (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md): plain TF32
     (Triton's default, and what ``Precision.HIGH`` lowers to) left 4e-4 relative error in the
-    state; IEEE float32 (``HIGHEST``) was 22x slower than 3xTF32 at 64-wide V-blocks and runs
-    out of resources at the chosen launch settings.
+    state; IEEE float32 (``HIGHEST``) ran ~30x slower than TF32 end to end at 64-wide V-blocks
+    (benchmarks/delta_rule_gpu.py) and runs out of resources at the chosen launch settings.
     """
     backend = jax.default_backend()
     if backend == "gpu":
