@@ -45,12 +45,12 @@ def stages():
     s0 = jnp.zeros((batch, H, K, V), jnp.float32)
     prepare = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, reset, matmul_dtype=jnp.bfloat16))
     terms = prepare(*f32)
-    walk_pallas, walk_scan = jax.jit(pallas_gpu.pallas_walk_states), jax.jit(walk_states)
+    walk_pallas, walk_scan = jax.jit(pallas_gpu.gpu_walk_states), jax.jit(walk_states)
     states, v_new, _ = walk_pallas(terms, s0)
     outputs = jax.jit(lambda t, s, vn: chunk_outputs(t, s, vn, seq_len, jnp.bfloat16))
 
     def walk_loss(t, s):
-        st, vn, final = pallas_gpu.pallas_walk_states(t, s)
+        st, vn, final = pallas_gpu.gpu_walk_states(t, s)
         return jnp.sum(st) + jnp.sum(vn) + jnp.sum(final)
 
     rows = [dict(stage=name, ms=median_ms(fn, *args, iters=10)) for name, fn, args in (

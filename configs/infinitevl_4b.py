@@ -1,5 +1,6 @@
 """InfiniteVL-4B text decoder (spec section 1): 36 layers, SWA (window 8192) at i % 4 == 0,
-Gated DeltaNet elsewhere (16 heads, d_k 128, d_v 256), Qwen2.5-VL-3B dims, tied embeddings."""
+Gated DeltaNet elsewhere (16 heads, d_k 128, d_v 256), Qwen2.5-VL-3B dims, tied embeddings;
+Qwen2.5-VL's 32-block ViT (spec section 1.2) and token ids."""
 
 import ml_collections
 
@@ -27,4 +28,18 @@ def get_config():
         attention_impl="auto",
         remat="none",
     ))
-    return ml_collections.ConfigDict(dict(model=model, seed=0))
+    vision = ml_collections.ConfigDict(dict(
+        depth=32,
+        hidden_size=1280,
+        num_heads=16,
+        intermediate_size=3420,
+        out_hidden_size=2048,
+        window_size=112,
+        fullatt_block_indexes=(7, 15, 23, 31),
+        tokens_per_second=2.0,
+        dtype="bfloat16",
+        param_dtype="float32",
+    ))
+    tokens = ml_collections.ConfigDict(dict(image_token_id=151655, video_token_id=151656,
+                                            vision_start_token_id=151652, vision_end_token_id=151653))
+    return ml_collections.ConfigDict(dict(model=model, vision=vision, tokens=tokens, seed=0))

@@ -1,7 +1,10 @@
-"""Tiny hybrid model for tests and the CPU quickstart: 8 layers = 2 blocks of [SWA, GDN, GDN, GDN]."""
+"""Tiny hybrid model for tests and the CPU quickstart: 8 layers = 2 blocks of [SWA, GDN, GDN, GDN],
+a 4-block ViT (width 32, 2x2-merged-token windows, full attention in blocks 1 and 3), and the
+byte tokenizer's special-token ids."""
 
 import ml_collections
 
+from infinitevl_jax.data.tokenizer import ByteTokenizer
 from infinitevl_jax.models.config import hybrid_layer_types
 
 
@@ -26,4 +29,19 @@ def get_config():
         attention_impl="auto",
         remat="none",
     ))
-    return ml_collections.ConfigDict(dict(model=model, seed=0))
+    vision = ml_collections.ConfigDict(dict(
+        depth=4,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        out_hidden_size=64,
+        window_size=56,
+        fullatt_block_indexes=(1, 3),
+        dtype="float32",
+        param_dtype="float32",
+    ))
+    special = ByteTokenizer().special_ids
+    tokens = ml_collections.ConfigDict(dict(
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"]))
+    return ml_collections.ConfigDict(dict(model=model, vision=vision, tokens=tokens, seed=0))

@@ -4,9 +4,10 @@
     infinitevl info [--config infinitevl_4b] [--config.model.FIELD=VALUE ...]
 
 ``demo`` is the quickstart's main job (until the trainer lands): it builds the model of a preset
-(random weights), feeds it a real question from the bundled easy-VQA data set through the
-Qwen2.5-VL chat template, runs one full forward pass, streams the same tokens one at a time
-through the constant-size caches (checking both agree), and greedily continues the answer.
+(random weights), feeds it a real image and question from the bundled easy-VQA data set (image
+processor, ``<|image_pad|>`` expansion, the Qwen2.5-VL chat template, mRoPE ids), runs one
+full forward pass, streams the same embeddings one token at a time through the constant-size
+caches (checking both agree), and greedily continues the answer.
 ``info`` prints a preset's layer pattern, parameter count and decode-cache size.
 """
 
@@ -23,11 +24,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from infinitevl_jax.config import list_presets, load_config
-from infinitevl_jax.models import Decoder, DecoderConfig
+from infinitevl_jax.models.config import DecoderConfig, VisionLanguageConfig
+from infinitevl_jax.models.vlm import VisionLanguageModel
 
 
-def _model_config(args, overrides) -> DecoderConfig:
-    return DecoderConfig.from_dict(load_config(args.config, overrides).model)
+def _model_config(args, overrides) -> VisionLanguageConfig:
+    return VisionLanguageConfig.from_config(load_config(args.config, overrides))
 
 
 def _describe(cfg: DecoderConfig) -> str:
@@ -36,20 +38,23 @@ def _describe(cfg: DecoderConfig) -> str:
     return f"{cfg.num_layers} layers = {cfg.num_blocks} x [{pattern}], width {cfg.hidden_size}"
 
 
-def _param_count(model: Decoder) -> int:
-    """Parameters of a model, concrete or abstract (``nnx.eval_shape``)."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _param_count(module: nnx.Module | None) -> int:
+    """Parameters of a module, concrete or abstract (``nnx.eval_shape``); 0 for None."""
+    return 0 if module is None else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def cmd_info(args, overrides) -> int:
-    cfg = _model_config(args, overrides)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    full_cfg = _model_config(args, overrides)
+    cfg = full_cfg.decoder
+    abstract = nnx.eval_shape(lambda: VisionLanguageModel(full_cfg, rngs=nnx.Rngs(0)))
     has_full = "full_attention" in cfg.layer_types
     max_len = args.max_len if has_full else None
-    cache = jax.eval_shape(lambda: abstract.init_cache(1, max_len))
+    cache = jax.eval_shape(lambda: abstract.language_model.init_cache(1, max_len))
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    language, vision = _param_count(abstract.language_model), _param_count(abstract.visual)
     print(f"preset {args.config}: {_describe(cfg)}")
-    print(f"parameters: {_param_count(abstract) / 1e9:.3f} B")
+    print(f"parameters: {(language + vision) / 1e9:.3f} B = language model {language / 1e9:.3f} B "
+          f"+ vision tower {vision / 1e9:.3f} B")
     print(f"decode cache per sequence: {cache_bytes / 2**20:.1f} MiB"
           + (f" (full attention sized for {max_len} tokens: grows with context)" if has_full
              else " (constant: independent of tokens seen)"))
@@ -57,41 +62,48 @@ def cmd_info(args, overrides) -> int:
 
 
 def cmd_demo(args, overrides) -> int:
-    from PIL import Image
-
+    from infinitevl_jax.data import ImageProcessor, expand_placeholders
     from infinitevl_jax.data.easy_vqa import load_easy_vqa
+    from infinitevl_jax.data.positions import decode_position_ids
     from infinitevl_jax.data.tokenizer import ByteTokenizer, chat_prompt
 
-    cfg = _model_config(args, overrides)
+    full_cfg = _model_config(args, overrides)
+    cfg = full_cfg.decoder
     tokenizer = ByteTokenizer()
     if cfg.vocab_size < tokenizer.vocab_size:
         raise SystemExit(f"error: preset vocab_size {cfg.vocab_size} < byte tokenizer's {tokenizer.vocab_size}")
+    if full_cfg.vision is None:
+        raise SystemExit(f"error: preset {args.config} has no vision tower; the demo feeds an image")
     samples = load_easy_vqa("test")
     if not 0 <= args.sample < len(samples):
         raise SystemExit(f"error: --sample must be in [0, {len(samples)}); got {args.sample}")
     sample = samples[args.sample]
-    with Image.open(sample.image_path) as image:
-        image_desc = f"{image.width}x{image.height} {image.mode}"
-    print(f"easy-VQA test sample {args.sample}: image {image_desc} ({sample.image_path})")
+    vision = ImageProcessor(patch_size=full_cfg.vision.patch_size, merge_size=full_cfg.vision.spatial_merge_size,
+                            temporal_patch_size=full_cfg.vision.temporal_patch_size)([sample.image_path])
+    grid = vision["image_grid_thw"]
+    print(f"easy-VQA test sample {args.sample}: {sample.image_path}")
+    print(f"  image -> pixel_values {vision['pixel_values'].shape}, grid (t, h, w) = {tuple(int(x) for x in grid[0])}, "
+          f"{int(grid.prod()) // full_cfg.vision.merge_unit} image tokens")
     print(f"  question: {sample.question!r}   reference answer: {sample.answer!r}")
-    print("  (the image enters the model once the vision tower lands; this run feeds the question)")
 
-    ids = jnp.asarray([tokenizer.encode(chat_prompt(sample.question))], jnp.int32)
-    model = Decoder(cfg, rngs=nnx.Rngs(args.seed))
-    print(f"model: preset {args.config}, {_describe(cfg)}, "
-          f"{_param_count(model) / 1e6:.2f} M parameters, random init (seed {args.seed})")
+    prompt = expand_placeholders(chat_prompt(f"<|vision_start|><|image_pad|><|vision_end|>{sample.question}"), grid)
+    ids = np.asarray([tokenizer.encode(prompt)], np.int32)
+    model = VisionLanguageModel(full_cfg, rngs=nnx.Rngs(args.seed))
+    print(f"model: preset {args.config}, {_describe(cfg)}, {_param_count(model) / 1e6:.2f} M parameters "
+          f"(vision tower {_param_count(model.visual) / 1e6:.2f} M), random init (seed {args.seed})")
 
-    forward = nnx.jit(lambda m, x: m(x)[0])
-    step = nnx.jit(lambda m, x, c: m(x, cache=c))
     start = time.perf_counter()
-    full = np.asarray(forward(model, ids))
+    prepared = model.prepare(ids, **vision)
+    full = np.asarray(model(ids, **vision).logits)
     print(f"full forward: {ids.shape[1]} prompt tokens -> logits {full.shape} "
           f"in {time.perf_counter() - start:.2f} s (compile included)")
 
-    cache = model.init_cache(1, max_len=ids.shape[1] + args.max_new_tokens)
+    step = nnx.jit(lambda m, x, pos, c: m(inputs_embeds=x, position_ids=pos, cache=c))
+    cache = model.language_model.init_cache(1, max_len=ids.shape[1] + args.max_new_tokens)
     streamed = []
     for t in tqdm(range(ids.shape[1]), desc="streaming prompt through caches", unit="tok", file=sys.stdout):
-        logits, cache = step(model, ids[:, t:t + 1], cache)
+        logits, cache = step(model.language_model, prepared.embeds[:, t:t + 1],
+                             prepared.position_ids[:, :, t:t + 1], cache)
         streamed.append(np.asarray(logits))
     diff = np.abs(np.concatenate(streamed, axis=1) - full).max()
     cache_kib = sum(x.nbytes for x in jax.tree.leaves(cache)) / 1024
@@ -105,7 +117,8 @@ def cmd_demo(args, overrides) -> int:
         if next_id == tokenizer.eos_id:
             break
         generated.append(next_id)
-        logits, cache = step(model, jnp.asarray([[next_id]], jnp.int32), cache)
+        position = decode_position_ids(ids.shape[1] + len(generated) - 1, prepared.rope_deltas)
+        logits, cache = step(model.language_model, model.embed(jnp.asarray([[next_id]])), position, cache)
         next_id = int(np.argmax(np.asarray(logits)[0, -1, :vocab]))
     print(f"greedy continuation ({len(generated)} tokens, untrained weights): "
           f"{tokenizer.decode(generated)!r}")
@@ -122,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     presets = ", ".join(list_presets())
 
-    demo = sub.add_parser("demo", help="quickstart: tiny model on a bundled easy-VQA question (CPU)")
+    demo = sub.add_parser("demo", help="quickstart: tiny model on a bundled easy-VQA image and question (CPU)")
     demo.add_argument("--config", default="tiny", help=f"preset name ({presets}) or path to a config .py")
     demo.add_argument("--sample", type=int, default=0, help="easy-VQA test sample index")
     demo.add_argument("--seed", type=int, default=0, help="parameter init seed")

@@ -29,12 +29,14 @@ def test_demo_main_job_streams_like_full_forward(capsys):
     assert main(["demo", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "easy-VQA test sample 0" in out and "max |logit difference|" in out and "greedy continuation" in out
+    assert "grid (t, h, w) = (1, 4, 4), 4 image tokens" in out  # the 64x64 PNG resized to 56x56
 
 
 def test_info_reports_spec_parameter_count(capsys):
     assert main(["info", "--config", "infinitevl_4b"]) == 0
     out = capsys.readouterr().out
-    assert "parameters: 3.740 B" in out and "constant" in out
+    # spec section 1.3: LM 3.740 B, ViT + merger 0.669 B, 4.408 B in all (tied head)
+    assert "parameters: 4.408 B = language model 3.740 B + vision tower 0.669 B" in out and "constant" in out
 
 
 def test_bad_override_is_a_clear_error(capsys):

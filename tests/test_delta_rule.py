@@ -276,13 +276,15 @@ def test_long_sequence_with_resets_zero_decay_chunks_and_spikes(impl):
     assert_matches_ref(o, state, ref_o, ref_state)
 
 
-def test_auto_picks_pallas_on_gpu_and_recurrent_for_one_token(monkeypatch):
+@pytest.mark.parametrize("backend,kernel", [("gpu", "pallas_triton"), ("tpu", "pallas_mosaic_tpu"),
+                                            ("cpu", "chunked")])
+def test_auto_picks_the_backends_pallas_kernel_and_recurrent_for_one_token(monkeypatch, backend, kernel):
     from infinitevl_jax.ops.delta_rule import resolve_impl
 
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert resolve_impl("auto", 1) == "recurrent"
-    assert resolve_impl("auto", 300) == ("pallas" if jax.default_backend() == "gpu" else "chunked")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_impl("auto", 300) == "pallas"
+    assert resolve_impl("auto", 300) == kernel
+    assert resolve_impl("pallas", 300) == ("pallas_triton" if backend != "tpu" else "pallas_mosaic_tpu")
 
 
 # --------------------------------------------------------------------------------------------

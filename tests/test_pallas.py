@@ -1,19 +1,31 @@
-"""The Pallas walk kernels (interpret mode on CPU) with several V-blocks and padded head dims."""
+"""The Pallas walk kernels (interpreted on CPU) with several V-blocks and odd head dims, and the
+TPU kernels lowered for TPU (Mosaic) without a TPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax import export
 
-from infinitevl_jax.ops.delta_rule import gated_delta_rule
-from infinitevl_jax.ops.delta_rule.pallas_gpu import MAX_BLOCK_V
+from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, pallas_tpu
 from tests.reference.delta_rule import gated_delta_rule_ref
 
-# d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32: the backward's partial sums over
-# V-blocks and the padding are both exercised.
-B, T, H, K, V = 2, 130, 2, 24, 80
+B, T, H, K = 2, 130, 2, 24
+# Triton: d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32. Mosaic TPU: d_k 24 whole;
+# d_v 256 = 2 V-blocks of 128. The backward's partial sums over V-blocks are exercised in both.
+KERNELS = {"pallas_triton": 80, "pallas_mosaic_tpu": 256}
 
 
-def _inputs(seed=0):
+@pytest.fixture(params=sorted(KERNELS))
+def kernel(request):
+    return request.param
+
+
+def test_kernel_settings_give_several_v_blocks():
+    assert 128 // pallas_gpu.MAX_BLOCK_V > 1 and KERNELS["pallas_mosaic_tpu"] // pallas_tpu.BLOCK_V > 1
+
+
+def _inputs(seed=0, V=80):
     rng = np.random.default_rng(seed)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     q, k = (unit(rng.normal(size=(B, T, H, K))) for _ in range(2))
@@ -28,25 +40,25 @@ def _inputs(seed=0):
     return [x.astype(np.float32) for x in (q, k, v, g, beta, s0)], ids
 
 
-def test_several_v_blocks_and_padded_dims_match_reference():
-    assert 128 // MAX_BLOCK_V > 1
-    (q, k, v, g, beta, s0), ids = _inputs()
-    o, state = jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=a[6], impl="pallas"))(
+def test_several_v_blocks_match_reference(kernel):
+    (q, k, v, g, beta, s0), ids = _inputs(V=KERNELS[kernel])
+    o, state = jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=a[6], impl=kernel))(
         q, k, v, g, beta, s0, ids)
     ref_o, ref_state = gated_delta_rule_ref(q, k, v, g, beta, initial_state=s0, segment_ids=ids)
     np.testing.assert_allclose(o, ref_o, atol=1e-4 * np.abs(ref_o).max(), rtol=0)
     np.testing.assert_allclose(state, ref_state, atol=1e-4 * np.abs(ref_state).max(), rtol=0)
 
 
-def test_gradients_with_several_v_blocks_match_finite_differences():
-    (q, k, v, g, beta, s0), ids = _inputs(seed=1)
+def test_gradients_with_several_v_blocks_match_finite_differences(kernel):
+    V = KERNELS[kernel]
+    (q, k, v, g, beta, s0), ids = _inputs(seed=1, V=V)
     rng = np.random.default_rng(2)
     w_o, w_s = rng.normal(size=(B, T, H, V)), rng.normal(size=(B, H, K, V))
     args = (q, k, v, g, beta, s0)
     directions = [rng.normal(size=x.shape) * (0.1 if i == 3 else 1.0) for i, x in enumerate(args)]
 
     def loss(*a):
-        o, state = gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=ids, impl="pallas")
+        o, state = gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=ids, impl=kernel)
         return jnp.sum(o * w_o) + jnp.sum(state * w_s)
 
     grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
@@ -59,3 +71,22 @@ def test_gradients_with_several_v_blocks_match_finite_differences():
 
     numeric = (ref_loss(1e-5) - ref_loss(-1e-5)) / 2e-5
     assert abs(analytic - numeric) <= 1e-3 * abs(numeric)
+
+
+def test_tpu_kernels_lower_to_mosaic_at_the_4b_head_dims(monkeypatch):
+    """Forward and backward lower through Pallas' Mosaic TPU lowering (``jax.export`` for TPU
+    runs it on any host): tiles of d_k 128 x 128-lane V-blocks, chunk 64, bf16 inputs."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # compile for TPU, not the interpreter
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    q = k = shape(1, 256, 2, 128)
+    v = shape(1, 256, 2, 256)
+    g, beta = shape(1, 256, 2, dtype=jnp.float32), shape(1, 256, 2)
+
+    def loss(q, k, v, g, beta):
+        o, state = gated_delta_rule(q, k, v, g, beta, impl="pallas_mosaic_tpu")
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    lowered = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["tpu"])(
+        q, k, v, g, beta)
+    text = lowered.mlir_module()
+    assert text.count("tpu_custom_call") == 2 and "gdn_state_walk_bwd_tpu" in text

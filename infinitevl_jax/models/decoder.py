@@ -19,14 +19,8 @@ from infinitevl_jax.models.config import DecoderConfig
 from infinitevl_jax.models.gated_deltanet import GatedDeltaNet, init_gated_deltanet_cache
 from infinitevl_jax.models.layers import RMSNorm, SwiGLU
 from infinitevl_jax.models.sliding_attention import SelfAttention, init_kv_cache
+from infinitevl_jax.models.stacking import scan_stacked, stacked
 from infinitevl_jax.ops.rope import rope_cos_sin
-
-_REMAT = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-}
-
 
 class DecoderCache(NamedTuple):
     """Decode state of the whole decoder.
@@ -86,12 +80,7 @@ class Decoder(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype),
             logical_axes=("vocab", "embed"))
 
-        @nnx.split_rngs(splits=cfg.num_blocks)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs):
-            return DecoderBlock(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r), cfg.num_blocks, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.weight_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
@@ -138,16 +127,8 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
                                 dtype=cfg.compute_dtype)
 
-        graphdef, state = nnx.split(self.blocks)
-
-        def body(h, xs):
-            block_state, block_caches = xs
-            block = nnx.merge(graphdef, block_state)
-            return block(h, cos, sin, caches=block_caches, index=index, segment_ids=segment_ids)
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, layer_caches = jax.lax.scan(body, x, (state, None if cache is None else cache.layers))
+        step = lambda block, h, caches: block(h, cos, sin, caches=caches, index=index, segment_ids=segment_ids)
+        x, layer_caches = scan_stacked(self.blocks, step, x, None if cache is None else cache.layers, cfg.remat)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32)

@@ -65,10 +65,10 @@ class GatedRMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """``down(SiLU(gate(x)) * up(x))``, no biases."""
+    """``down(SiLU(gate(x)) * up(x))``; biases on all three maps when ``use_bias`` (the ViT's MLP)."""
 
-    def __init__(self, hidden, intermediate, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, hidden, intermediate, *, use_bias=False, dtype, param_dtype, rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(intermediate, hidden, axes=("mlp", "embed"), **kw)

@@ -5,10 +5,14 @@ the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, a
 
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
-- ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in a Pallas kernel
-  with a hand-written reverse walk for gradients (Triton on GPU, interpret mode on CPU);
-- ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and ``chunked``
-  elsewhere (the fastest correct impl per backend, measured in benchmarks/RESULTS.md).
+- ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in Pallas kernels
+  with a hand-written reverse walk for gradients: ``"pallas_triton"`` on GPU,
+  ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on CPU. Both named variants
+  run on CPU in their interpreters (tests);
+- ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
+  ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
+  the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and
+  have not been timed on a TPU).
 
 Precision: decays, the chunk's triangular inverse and the state are float32 whatever the
 input dtype. With bf16/f16 ``v``, the chunk-parallel input-facing matmuls take 16-bit operands
@@ -17,17 +21,21 @@ with float32 accumulation (FLA's choice); with float32 inputs every matmul is fl
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
-from infinitevl_jax.ops.delta_rule.pallas_gpu import pallas_gated_delta_rule
+from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_walk_states
+from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
 IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
-    "pallas": pallas_gated_delta_rule,
+    "pallas_triton": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states),
+    "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 
 __all__ = ["gated_delta_rule", "segment_resets", "IMPLS", "CHUNK_SIZE"]
@@ -66,13 +74,16 @@ def _check_shapes(q, k, v, g, beta, initial_state, segment_ids):
 
 
 def resolve_impl(impl: str, seq_len: int) -> str:
-    """Maps ``"auto"`` to a concrete impl name; rejects unknown names."""
+    """Maps ``"auto"`` and ``"pallas"`` to a concrete impl name; rejects unknown names."""
+    backend = jax.default_backend()
     if impl == "auto":
         if seq_len == 1:
             return "recurrent"
-        return "pallas" if jax.default_backend() == "gpu" else "chunked"
+        impl = "pallas" if backend in ("gpu", "tpu") else "chunked"
+    if impl == "pallas":
+        return "pallas_mosaic_tpu" if backend == "tpu" else "pallas_triton"
     if impl not in IMPLS:
-        raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {['auto', *IMPLS]}")
+        raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {['auto', 'pallas', *IMPLS]}")
     return impl
 
 
@@ -89,7 +100,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
       scale: query scale; default ``K ** -0.5``.
       initial_state: optional ``[B, H, K, V]`` state entering token 0.
       segment_ids: optional ``[B, T]`` integer ids of packed sequences.
-      impl: ``"auto"``, ``"recurrent"``, ``"chunked"`` or ``"pallas"``.
+      impl: ``"auto"``, ``"recurrent"``, ``"chunked"``, ``"pallas"`` or a named Pallas variant.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype, final_state ``[B, H, K, V]`` float32.

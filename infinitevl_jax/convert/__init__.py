@@ -1,0 +1,1 @@
+"""Weight and config conversion between Hugging Face / PyTorch checkpoints and our models."""
