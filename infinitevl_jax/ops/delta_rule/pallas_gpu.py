@@ -32,23 +32,21 @@ MIN_DOT_DIM = 16  # Triton's smallest dot operand dimension
 
 
 def _chunk_io(n, refs: dict):
-    """``load``/``store`` of chunk n for the shared step math (``pallas_walk``): refs hold the
-    whole sequence ``[N, ...]``; the decay rows ``[N, K]`` travel as ``[K, 1]`` columns."""
+    """``load``/``store`` of chunk n for the shared step math (``pallas_walk``); refs hold the
+    whole sequence ``[N, ...]``."""
 
     def load(name):
-        tile = refs[name][n].astype(F32)
-        return tile[:, None] if name == "decay" else tile
+        return refs[name][n].astype(F32)
 
     def store(name, value):
-        refs[name][n] = (value.reshape(-1) if name == "d_decay" else value).astype(refs[name].dtype)
+        refs[name][n] = value.astype(refs[name].dtype)
 
     return load, store
 
 
 def _walk_forward_kernel(w_ref, u_ref, k_ref, d_ref, s0_ref, states_ref, v_new_ref, final_ref, *, precision):
-    """One program: refs w, k ``[N, C, K]``; u, v_new ``[N, C, BV]``; d ``[N, K]`` (chunk decay
-    repeated over K; Triton loads ``[K, 1]`` columns slowly); s0, final ``[K, BV]``; states
-    ``[N, K, BV]``."""
+    """One program: refs w, k ``[N, C, K]``; u, v_new ``[N, C, BV]``; d ``[N, K, 1]``; s0, final
+    ``[K, BV]``; states ``[N, K, BV]``."""
     refs = dict(w=w_ref, u=u_ref, k_out=k_ref, decay=d_ref, states=states_ref, v_new=v_new_ref)
     chunk = lambda n, state: forward_step(*_chunk_io(n, refs), state, precision)
     final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, s0_ref[...].astype(F32)).astype(final_ref.dtype)
@@ -56,7 +54,7 @@ def _walk_forward_kernel(w_ref, u_ref, k_ref, d_ref, s0_ref, states_ref, v_new_r
 
 def _walk_backward_kernel(w_ref, k_ref, d_ref, states_ref, v_new_ref, d_states_ref, d_v_new_ref, d_final_ref,
                           d_w_ref, d_u_ref, d_k_ref, d_d_ref, d_s0_ref, *, precision):
-    """Reverse walk of one program; d_w, d_k ``[N, C, K]`` and d_d ``[N, K]`` are this V-block's
+    """Reverse walk of one program; d_w, d_k ``[N, C, K]`` and d_d ``[N, K, 1]`` are this V-block's
     partial sums."""
     n_chunks = w_ref.shape[0]
     refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, states=states_ref, v_new=v_new_ref, d_states=d_states_ref,
@@ -104,8 +102,7 @@ def _block_v(d_v):
 
 
 def _forward_call(w, u, k_out, decay, s0):
-    """``WalkCalls.forward`` (shapes there); the kernels read the decay as ``[N, K]`` rows."""
-    decay = decay[..., 0]
+    """``WalkCalls.forward`` (shapes there)."""
     groups, n, c, d_k = w.shape
     d_v = u.shape[-1]
     bv = _block_v(d_v)
@@ -113,7 +110,7 @@ def _forward_call(w, u, k_out, decay, s0):
     return pl.pallas_call(
         functools.partial(_walk_forward_kernel, precision=precision),
         grid=(groups, d_v // bv),
-        in_specs=[_by_group(n, c, d_k), _by_group_v(n, c, bv), _by_group(n, c, d_k), _by_group(n, d_k),
+        in_specs=[_by_group(n, c, d_k), _by_group_v(n, c, bv), _by_group(n, c, d_k), _by_group(n, d_k, 1),
                   _by_group_v(d_k, bv)],
         out_specs=[_by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
         out_shape=[jax.ShapeDtypeStruct((groups, n, d_k, d_v), F32),
@@ -124,7 +121,7 @@ def _forward_call(w, u, k_out, decay, s0):
 
 
 def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
-    decay = decay[..., 0]
+    """``WalkCalls.backward`` (shapes there)."""
     groups, n, c, d_k = w.shape
     d_v = v_new.shape[-1]
     bv = _block_v(d_v)
@@ -133,18 +130,18 @@ def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
     d_w, d_u, d_k, d_d, d_s0 = pl.pallas_call(
         functools.partial(_walk_backward_kernel, precision=precision),
         grid=(groups, blocks_v),
-        in_specs=[_by_group(n, c, d_k), _by_group(n, c, d_k), _by_group(n, d_k), _by_group_v(n, d_k, bv),
+        in_specs=[_by_group(n, c, d_k), _by_group(n, c, d_k), _by_group(n, d_k, 1), _by_group_v(n, d_k, bv),
                   _by_group_v(n, c, bv), _by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
-        out_specs=[_partial_sum(n, c, d_k), _by_group_v(n, c, bv), _partial_sum(n, c, d_k), _partial_sum(n, d_k),
+        out_specs=[_partial_sum(n, c, d_k), _by_group_v(n, c, bv), _partial_sum(n, c, d_k), _partial_sum(n, d_k, 1),
                    _by_group_v(d_k, bv)],
         out_shape=[jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
                    jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
                    jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-                   jax.ShapeDtypeStruct((groups, blocks_v, n, d_k), F32),
+                   jax.ShapeDtypeStruct((groups, blocks_v, n, d_k, 1), F32),
                    jax.ShapeDtypeStruct((groups, d_k, d_v), F32)],
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd",
     )(w, k_out, decay, states, v_new, d_states, d_v_new, d_final)
-    return d_w.sum(1), d_u, d_k.sum(1), d_d.sum(1)[..., None], d_s0
+    return d_w.sum(1), d_u, d_k.sum(1), d_d.sum(1), d_s0
 
 
 def _next_power_of_two(x, minimum=MIN_DOT_DIM):
