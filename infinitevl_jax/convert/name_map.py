@@ -138,12 +138,12 @@ def detect_style(keys) -> str:
     return "modern" if any(k.startswith((modern["decoder"], modern["vision"])) for k in keys) else "legacy"
 
 
-def check_keys(entries: list[Entry], keys, *, ignore: tuple[str, ...] = ()) -> None:
+def check_keys(entries: list[Entry], keys) -> None:
     """Raises naming every missing and every unexpected key (nothing is silently dropped)."""
     wanted = {e.key for e in entries}
     keys = set(keys)
     missing = sorted(wanted - keys)
-    unexpected = sorted(k for k in keys - wanted if not k.endswith(ignore))
+    unexpected = sorted(keys - wanted)
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the config: missing keys {missing[:20]}"
                        f"{' ...' if len(missing) > 20 else ''} ({len(missing)} in all); unexpected keys "

@@ -11,7 +11,7 @@ Inputs follow transformers' Qwen2.5-VL exactly, so the output of ``Qwen2_5_VLPro
 
 Embeddings: ``E[input_ids]``, with the k-th image-pad position (batch-major order) replaced by
 the k-th merged image token from the ViT, and likewise for videos. Positions: mRoPE ids from
-``rope_index`` unless given. Padding runs as its own segment (``segment_ids = attention_mask``):
+``rope_index`` over the whole sequence. Padding runs as its own segment (``segment_ids = attention_mask``):
 real tokens never see pads, and Gated DeltaNet states restart at the first real token (the
 PyTorch original lets left pads leak into the GDN state instead; spec section 11, pitfall 7).
 """
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from infinitevl_jax.data.positions import rope_index
-from infinitevl_jax.models.config import VisionLanguageConfig
+from infinitevl_jax.models.config import VisionConfig, VisionLanguageConfig
 from infinitevl_jax.models.decoder import Decoder, DecoderCache
 from infinitevl_jax.models.vision import VisionTransformer, encode_vision
 
@@ -117,12 +117,11 @@ class VisionLanguageModel(nnx.Module):
         video_embeds = self._vision(pixel_values_videos, video_grid_thw, tokens.video_token_id, input_ids,
                                     "pixel_values_videos")
         embeds = self.embed(jnp.asarray(input_ids), image_embeds=image_embeds, video_embeds=video_embeds)
-        vision = self.cfg.vision
+        vision = self.cfg.vision or VisionConfig()  # text-only: positions ignore the vision settings
         position_ids, rope_deltas = rope_index(
             input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask,
-            spatial_merge_size=2 if vision is None else vision.spatial_merge_size,
-            tokens_per_second=2.0 if vision is None else vision.tokens_per_second,
+            spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
             image_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id)
         segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         return PreparedInputs(embeds, jnp.asarray(position_ids), segment_ids, rope_deltas)
