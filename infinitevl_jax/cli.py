@@ -24,7 +24,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from infinitevl_jax.config import list_presets, load_config
+from infinitevl_jax.convert.commands import register as register_conversion
+from infinitevl_jax.infer.commands import register
 from infinitevl_jax.models.config import DecoderConfig, VisionLanguageConfig
+from infinitevl_jax.models.layers import parameter_count
 from infinitevl_jax.models.vlm import VisionLanguageModel
 
 
@@ -38,11 +41,6 @@ def _describe(cfg: DecoderConfig) -> str:
     return f"{cfg.num_layers} layers = {cfg.num_blocks} x [{pattern}], width {cfg.hidden_size}"
 
 
-def _param_count(module: nnx.Module | None) -> int:
-    """Parameters of a module, concrete or abstract (``nnx.eval_shape``); 0 for None."""
-    return 0 if module is None else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-
-
 def cmd_info(args, overrides) -> int:
     full_cfg = _model_config(args, overrides)
     cfg = full_cfg.decoder
@@ -51,7 +49,7 @@ def cmd_info(args, overrides) -> int:
     max_len = args.max_len if has_full else None
     cache = jax.eval_shape(lambda: abstract.language_model.init_cache(1, max_len))
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    language, vision = _param_count(abstract.language_model), _param_count(abstract.visual)
+    language, vision = parameter_count(abstract.language_model), parameter_count(abstract.visual)
     print(f"preset {args.config}: {_describe(cfg)}")
     print(f"parameters: {(language + vision) / 1e9:.3f} B = language model {language / 1e9:.3f} B "
           f"+ vision tower {vision / 1e9:.3f} B")
@@ -89,8 +87,8 @@ def cmd_demo(args, overrides) -> int:
     prompt = expand_placeholders(chat_prompt(f"<|vision_start|><|image_pad|><|vision_end|>{sample.question}"), grid)
     ids = np.asarray([tokenizer.encode(prompt)], np.int32)
     model = VisionLanguageModel(full_cfg, rngs=nnx.Rngs(args.seed))
-    print(f"model: preset {args.config}, {_describe(cfg)}, {_param_count(model) / 1e6:.2f} M parameters "
-          f"(vision tower {_param_count(model.visual) / 1e6:.2f} M), random init (seed {args.seed})")
+    print(f"model: preset {args.config}, {_describe(cfg)}, {parameter_count(model) / 1e6:.2f} M parameters "
+          f"(vision tower {parameter_count(model.visual) / 1e6:.2f} M), random init (seed {args.seed})")
 
     step = nnx.jit(lambda m, x, pos, c: m(inputs_embeds=x, position_ids=pos, cache=c))
     start = time.perf_counter()
@@ -149,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--max-len", type=int, default=65536,
                       help="tokens a full-attention cache must hold (teacher presets only)")
     info.set_defaults(run=cmd_info)
+
+    register_conversion(sub)
+    register(sub)
     return parser
 
 
@@ -160,8 +161,8 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args, rest)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ Qwen2.5-VL, ``use_sliding_window: true``, is rejected: its per-layer window rule
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from infinitevl_jax.models.config import (DecoderConfig, GatedDeltaNetConfig, MultimodalTokens, VisionConfig,
@@ -117,3 +118,71 @@ def config_from_hf(d: Mapping[str, Any], *, dtype: str = "bfloat16",
         decoder=decoder_config_from_hf(d, dtype=dtype, param_dtype=param_dtype),
         vision=None if vision is None else vision_config_from_hf(vision, dtype=dtype, param_dtype=param_dtype),
         tokens=tokens)
+
+
+INFINITEVL_ARCHITECTURE = "InfiniteVLQwen2_5_VLForConditionalGeneration"
+INFINITEVL_AUTO_MAP = {
+    "AutoConfig": "configuration_infinitevl.InfiniteVLConfig",
+    "AutoModel": f"modeling_infinitevl.{INFINITEVL_ARCHITECTURE}",
+    "AutoModelForCausalLM": f"modeling_infinitevl.{INFINITEVL_ARCHITECTURE}",
+}
+
+
+def _vision_to_hf(v: VisionConfig) -> dict:
+    return dict(depth=v.depth, hidden_size=v.hidden_size, num_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                hidden_act="silu", in_channels=v.in_channels, patch_size=v.patch_size,
+                temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                out_hidden_size=v.out_hidden_size,
+                tokens_per_second=int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                else v.tokens_per_second)
+
+
+# Fields of a source config.json we do not model but keep on export (text_config first, then top level).
+PASSTHROUGH_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "attention_dropout",
+                      "initializer_range", "use_cache")
+
+
+def config_to_hf(cfg: VisionLanguageConfig, base: Mapping[str, Any] | None = None) -> dict:
+    """A flat (legacy-layout) ``config.json`` dict for ``cfg``; ``config_from_hf`` inverts it.
+
+    A model with GDN or sliding-attention layers becomes an InfiniteVL config (``model_type:
+    infinite_vl``, ``auto_map`` to the official remote code, explicit ``layer_types``); an
+    all-full-attention model becomes a plain Qwen2.5-VL config that transformers loads natively.
+    ``base`` (the config.json the weights came from, either layout) supplies the
+    ``PASSTHROUGH_FIELDS``; every architecture field is ours.
+    """
+    dec = cfg.decoder
+    full_only = set(dec.layer_types) == {"full_attention"}
+    source = _text_fields(base or {})
+    out = {k: source[k] for k in PASSTHROUGH_FIELDS if k in source}
+    rope = {"type": "mrope" if full_only else "default", "mrope_section": list(dec.mrope_section or ())}
+    if not full_only:
+        rope["rope_type"] = "default"
+    out.update(
+        vocab_size=dec.vocab_size, hidden_size=dec.hidden_size, intermediate_size=dec.intermediate_size,
+        num_hidden_layers=dec.num_layers, num_attention_heads=dec.num_attention_heads,
+        num_key_value_heads=dec.num_key_value_heads, hidden_act="silu", rms_norm_eps=dec.rms_norm_eps,
+        rope_theta=dec.rope_theta, rope_scaling=rope, tie_word_embeddings=dec.tie_word_embeddings,
+        torch_dtype="bfloat16", **dataclasses.asdict(cfg.tokens))
+    if dec.mrope_section is None:
+        out.pop("rope_scaling")
+    if full_only:
+        out.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+                   use_sliding_window=False, sliding_window=32768, max_window_layers=dec.num_layers)
+    else:
+        g = dec.gdn
+        if g.head_v_dim % g.head_k_dim:
+            raise ValueError(f"InfiniteVL's config expresses head_v_dim as linear_head_dim * expand_v; "
+                             f"{g.head_v_dim} is not a multiple of {g.head_k_dim}")
+        if "full_attention" in dec.layer_types:
+            raise NotImplementedError("an InfiniteVL config cannot mix full_attention with other layer types")
+        out.update(model_type="infinite_vl", architectures=[INFINITEVL_ARCHITECTURE], auto_map=INFINITEVL_AUTO_MAP,
+                   layer_types=list(dec.layer_types), use_sliding_window=True,
+                   sliding_window=dec.sliding_window if dec.sliding_window is not None else 8192,
+                   num_linear_heads=g.num_heads, num_linear_key_value_heads=g.num_heads,
+                   linear_head_dim=g.head_k_dim, expand_v=g.head_v_dim // g.head_k_dim, conv_size=g.conv_size,
+                   norm_eps=g.norm_eps, use_gate=True, use_short_conv=True, mode="chunk")
+    if cfg.vision is not None:
+        out["vision_config"] = _vision_to_hf(cfg.vision)
+    return out

@@ -144,36 +144,68 @@ def check_keys(entries: list[Entry], keys) -> None:
     keys = set(keys)
     missing = sorted(wanted - keys)
     unexpected = sorted(keys - wanted)
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the config: missing keys {missing[:20]}"
-                       f"{' ...' if len(missing) > 20 else ''} ({len(missing)} in all); unexpected keys "
-                       f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)")
+
+    def listed(what, keys):
+        return f"{what} keys {keys[:20]}{' ...' if len(keys) > 20 else ''} ({len(keys)} in all)"
+
+    problems = [listed(what, keys) for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if problems:
+        raise KeyError(f"checkpoint does not match the config: {'; '.join(problems)}")
 
 
-def from_torch(entries: list[Entry], tensors: Mapping[str, np.ndarray], shapes: Mapping[tuple, tuple]) -> dict:
-    """Builds our flat parameter dict ``{path: array}`` from PyTorch tensors.
+class ParamSource(NamedTuple):
+    """One of our parameters as lazily converted views of PyTorch tensors (nothing is read yet).
+
+    ``views``: one view, or one per stacked block (``stacked``); ``read(index)`` materialises
+    the sub-array ``index`` (a tuple of slices over our shape, as ``jax.make_array_from_callback``
+    passes), reading only what it covers when the views are memory-mapped.
+    """
+
+    views: tuple
+    stacked: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        inner = tuple(self.views[0].shape)
+        return (len(self.views), *inner) if self.stacked else inner
+
+    def read(self, index: tuple = ()) -> np.ndarray:
+        if not self.stacked:
+            return np.asarray(self.views[0][index])
+        blocks, rest = (index[0], index[1:]) if index else (slice(None), ())
+        return np.stack([np.asarray(v[rest]) for v in self.views[blocks]])
+
+
+def param_sources(entries: list[Entry], tensors: Mapping[str, np.ndarray],
+                  shapes: Mapping[tuple, tuple]) -> dict[tuple, ParamSource]:
+    """``{our path: ParamSource}`` for every entry, shapes checked before anything is read.
 
     ``shapes``: our parameter shapes by path (stacked ones include the leading block axis); a
     converted tensor of the wrong shape raises naming the key and both shapes.
     """
     stacks: dict[tuple, dict[int, np.ndarray]] = {}
-    flat = {}
+    sources = {}
     for e in entries:
         if e.path not in shapes:
             raise KeyError(f"{e.key} maps to {'.'.join(map(str, e.path))}, which the model does not have")
-        value = e.layout.from_torch(np.asarray(tensors[e.key]))
         want = shapes[e.path] if e.block is None else shapes[e.path][1:]
-        if tuple(value.shape) != tuple(want):
-            torch_shape = tuple(e.layout.to_torch(np.zeros(want, np.int8)).shape)
+        try:
+            view = e.layout.from_torch(tensors[e.key])
+        except (IndexError, ValueError):  # a tensor of the wrong rank for its layout
+            view = None
+        if view is None or tuple(view.shape) != tuple(want):
+            torch_shape = tuple(e.layout.to_torch(np.broadcast_to(np.int8(0), want)).shape)
             raise ValueError(f"{e.key}: checkpoint shape {tuple(np.shape(tensors[e.key]))}, model expects "
                              f"{torch_shape} (ours {tuple(want)} at {'.'.join(map(str, e.path))})")
         if e.block is None:
-            flat[e.path] = value
+            sources[e.path] = ParamSource((view,), stacked=False)
         else:
-            stacks.setdefault(e.path, {})[e.block] = value
+            stacks.setdefault(e.path, {})[e.block] = view
     for path, blocks in stacks.items():
-        flat[path] = np.stack([blocks[b] for b in range(len(blocks))])
-    return flat
+        if sorted(blocks) != list(range(shapes[path][0])):
+            raise KeyError(f"{'.'.join(map(str, path))}: checkpoint covers blocks {sorted(blocks)} of {shapes[path][0]}")
+        sources[path] = ParamSource(tuple(blocks[b] for b in range(len(blocks))), stacked=True)
+    return sources
 
 
 def to_torch(entries: list[Entry], flat: Mapping[tuple, np.ndarray]) -> dict[str, np.ndarray]:

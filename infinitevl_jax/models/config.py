@@ -247,6 +247,19 @@ class VisionLanguageConfig:
         if max(ids) >= self.decoder.vocab_size:
             raise ValueError(f"multimodal token ids {self.tokens} must be < vocab_size ({self.decoder.vocab_size})")
 
+    def to_config(self) -> dict:
+        """The ``model`` / ``vision`` / ``tokens`` sections that ``from_config`` reads (JSON-ready)."""
+        return {"model": dataclasses.asdict(self.decoder),
+                "vision": None if self.vision is None else dataclasses.asdict(self.vision),
+                "tokens": dataclasses.asdict(self.tokens)}
+
+    def with_dtypes(self, dtype: str | None = None, param_dtype: str | None = None) -> "VisionLanguageConfig":
+        """The same model with another compute and/or parameter dtype (None keeps the current one)."""
+        change = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+        return dataclasses.replace(
+            self, decoder=dataclasses.replace(self.decoder, **change),
+            vision=None if self.vision is None else dataclasses.replace(self.vision, **change))
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "VisionLanguageConfig":
         """From a loaded preset: ``model`` (decoder), optional ``vision`` and ``tokens`` sections."""

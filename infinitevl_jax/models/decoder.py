@@ -23,14 +23,33 @@ from infinitevl_jax.models.stacking import scan_stacked, stacked
 from infinitevl_jax.ops.rope import rope_cos_sin
 
 class DecoderCache(NamedTuple):
-    """Decode state of the whole decoder.
+    """Decode state of the whole decoder; its size never depends on how many tokens were seen
+    (except a full-attention layer's, fixed by ``max_len``).
 
     layers: one cache per position in ``block_pattern``, each stacked over blocks (leading axis
-      ``num_blocks``); index: int32 scalar, tokens seen so far (the stream position).
+      ``num_blocks``); index: int32 scalar, tokens seen so far (the stream index of the next
+      token, padding included); start: int32 ``[B]``, stream index of each row's first real
+      token: the tokens before it are left padding, invisible to every later token.
     """
 
     layers: tuple
     index: jax.Array
+    start: jax.Array
+
+
+class StreamSpan(NamedTuple):
+    """Where one cached call sits in the stream: ``index`` (int32 scalar) = tokens before it,
+    ``start`` (int32 ``[B]``) = each row's first real token, ``valid_len`` (int32 scalar) = real
+    tokens of the call (a prefix; the rest is right padding the cache never sees)."""
+
+    index: jax.Array
+    start: jax.Array
+    valid_len: jax.Array
+
+    def valid(self, seq_len: int) -> jax.Array:
+        """bool ``[B, seq_len]``: real tokens of the call (not left or right padding)."""
+        t = jnp.arange(seq_len)
+        return ((self.index + t)[None] >= self.start[:, None]) & (t < self.valid_len)[None]
 
 
 class DecoderLayer(nnx.Module):
@@ -46,12 +65,14 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, *, cache=None, index=0, segment_ids=None):
+    def __call__(self, x, cos, sin, *, cache=None, span: StreamSpan | None = None, segment_ids=None):
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids)
+            stream = {} if span is None else dict(valid=span.valid(x.shape[1]), valid_len=span.valid_len)
+            h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids, **stream)
         else:
-            h, cache = self.mixer(h, cos, sin, cache=cache, index=index, segment_ids=segment_ids)
+            stream = {} if span is None else span._asdict()
+            h, cache = self.mixer(h, cos, sin, cache=cache, segment_ids=segment_ids, **stream)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -62,10 +83,10 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
 
-    def __call__(self, x, cos, sin, *, caches=None, index=0, segment_ids=None):
+    def __call__(self, x, cos, sin, *, caches=None, span=None, segment_ids=None):
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, cos, sin, cache=None if caches is None else caches[i], index=index,
+            x, c = layer(x, cos, sin, cache=None if caches is None else caches[i], span=span,
                          segment_ids=segment_ids)
             new_caches.append(c)
         return x, (None if caches is None else tuple(new_caches))
@@ -87,32 +108,38 @@ class Decoder(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype),
             logical_axes=("embed", "vocab"))
 
-    def init_cache(self, batch: int, max_len: int | None = None) -> DecoderCache:
-        """Empty cache; ``max_len`` is required only when the pattern has full-attention layers."""
+    def init_cache(self, batch: int, max_len: int | None = None, *, left_padding=None) -> DecoderCache:
+        """Empty cache; ``max_len`` is required only when the pattern has full-attention layers.
+
+        ``left_padding``: optional int ``[batch]``, leading pad tokens per row in what will be fed
+        first (a left-padded batch of prompts of different lengths); they stay invisible.
+        """
         cfg = self.cfg
         per_block = tuple(
             init_gated_deltanet_cache(cfg, batch) if t == "linear_attention"
             else init_kv_cache(cfg, cfg.window_of(t), batch, max_len)
             for t in cfg.block_pattern)
         stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_blocks, *a.shape)), per_block)
-        return DecoderCache(layers=stacked, index=jnp.zeros((), jnp.int32))
+        start = jnp.zeros((batch,), jnp.int32) if left_padding is None else jnp.asarray(left_padding, jnp.int32)
+        if start.shape != (batch,):
+            raise ValueError(f"left_padding must have one entry per row, shape ({batch},); got {start.shape}")
+        return DecoderCache(layers=stacked, index=jnp.zeros((), jnp.int32), start=start)
 
     def embed(self, input_ids):
         """``[B, T]`` ids -> ``[B, T, D]`` embeddings in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
 
-    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
-                 cache: DecoderCache | None = None):
-        """Runs the decoder.
+    def logits(self, hidden):
+        """Final-normed hidden states ``[..., D]`` -> float32 logits ``[..., vocab]`` (tied or own head)."""
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(hidden, head.astype(self.cfg.compute_dtype)).astype(jnp.float32)
 
-        Args:
-          input_ids: ``[B, T]`` int token ids (or pass ``inputs_embeds`` ``[B, T, D]``).
-          position_ids: RoPE positions, ``[B, T]`` or mRoPE ``[3, B, T]``; default: stream index.
-          segment_ids: ``[B, T]`` packed-sequence ids (no cache): no attention, conv or state
-            crosses a segment boundary.
-          cache: ``DecoderCache`` from ``init_cache`` or a previous call.
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
+                      cache: DecoderCache | None = None, valid_len=None):
+        """The decoder without its head: ``(final-normed hidden [B, T, D], new cache or None)``.
 
-        Returns ``(logits [B, T, vocab] float32, new cache or None)``.
+        Arguments as in ``__call__``; use it to take logits of a few positions only (a prefill
+        needs the last real token's).
         """
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
@@ -121,16 +148,46 @@ class Decoder(nnx.Module):
         batch, seq_len, width = x.shape
         if width != cfg.hidden_size:
             raise ValueError(f"inputs_embeds width {width} != hidden_size {cfg.hidden_size}")
+        span = None if cache is None else self._span(cache, batch, seq_len, valid_len)
+        if cache is None and valid_len is not None:
+            raise ValueError("valid_len (right padding) needs a cache; without one, pass segment_ids")
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         if position_ids is None:
             position_ids = jnp.broadcast_to(index + jnp.arange(seq_len), (batch, seq_len))
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
                                 dtype=cfg.compute_dtype)
 
-        step = lambda block, h, caches: block(h, cos, sin, caches=caches, index=index, segment_ids=segment_ids)
+        step = lambda block, h, caches: block(h, cos, sin, caches=caches, span=span, segment_ids=segment_ids)
         x, layer_caches = scan_stacked(self.blocks, step, x, None if cache is None else cache.layers, cfg.remat)
-        x = self.norm(x)
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
-        new_cache = None if cache is None else DecoderCache(layer_caches, index + seq_len)
-        return logits, new_cache
+        new_cache = None if cache is None else DecoderCache(layer_caches, index + span.valid_len, cache.start)
+        return self.norm(x), new_cache
+
+    @staticmethod
+    def _span(cache: DecoderCache, batch: int, seq_len: int, valid_len) -> StreamSpan:
+        if cache.start.shape != (batch,):
+            raise ValueError(f"the cache holds {cache.start.shape[0]} rows but the input has {batch}")
+        if valid_len is None:
+            valid_len = seq_len
+        elif isinstance(valid_len, int) and not 0 <= valid_len <= seq_len:
+            raise ValueError(f"valid_len must be in [0, {seq_len}] (the call's tokens); got {valid_len}")
+        return StreamSpan(cache.index, cache.start, jnp.asarray(valid_len, jnp.int32))
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
+                 cache: DecoderCache | None = None, valid_len=None):
+        """Runs the decoder.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids (or pass ``inputs_embeds`` ``[B, T, D]``).
+          position_ids: RoPE positions, ``[B, T]`` or mRoPE ``[3, B, T]``; default: stream index.
+          segment_ids: ``[B, T]`` packed-sequence ids (no cache): no attention, conv or state
+            crosses a segment boundary.
+          cache: ``DecoderCache`` from ``init_cache`` or a previous call.
+          valid_len: with a cache, the number of real tokens (int, may be traced), a prefix of
+            the T given; the rest is right padding: it changes nothing in the cache, which
+            advances by ``valid_len`` (so one compiled shape serves every shorter chunk).
+
+        Returns ``(logits [B, T, vocab] float32, new cache or None)``.
+        """
+        hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                           segment_ids=segment_ids, cache=cache, valid_len=valid_len)
+        return self.logits(hidden), cache

@@ -10,6 +10,12 @@ For input x ``[B, T, D]`` (already through ``input_layernorm``), H heads, d_k, d
     out        = W_o( GatedRMSNorm(o, gate = x W_g) )            norm over d_v, eps 1e-5
 
 No positional encoding; the conv runs over the flat channel axis before the head split.
+
+Padding in cache mode (``valid`` false): the layer's input there is zeroed, so the conv taps of
+later tokens see zeros (q/k/v projections have no bias), and ``g = 0, beta = 0``, so the state
+passes through unchanged (``S <- e^0 S + k * 0``). Leading pads thus keep the state and conv tails
+exactly zero; right padding (from ``valid_len`` on) leaves the cache exactly as the real tokens
+left it.
 """
 
 from __future__ import annotations
@@ -85,14 +91,21 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(cfg.weight_dtype), logical_axes=("heads",))
         self.o_norm = GatedRMSNorm(g.head_v_dim, eps=g.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
 
-    def __call__(self, x, *, cache: GatedDeltaNetCache | None = None, segment_ids=None):
-        """x ``[B, T, D]`` -> (``[B, T, D]``, updated cache or None)."""
+    def __call__(self, x, *, cache: GatedDeltaNetCache | None = None, segment_ids=None, valid=None,
+                 valid_len=None):
+        """x ``[B, T, D]`` -> (``[B, T, D]``, updated cache or None).
+
+        Cache mode only: ``valid`` bool ``[B, T]`` marks real tokens (False: padding, see the module
+        docstring); ``valid_len`` = real tokens of x, a prefix (None: all T), where the conv tails end.
+        """
         g = self.cfg.gdn
         batch, seq_len, _ = x.shape
+        if valid is not None:
+            x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
 
         def branch(proj, weight, conv_cache, head_dim):
             y, new_conv = causal_conv1d(proj(x), weight[...].astype(self.cfg.compute_dtype),
-                                        cache=conv_cache, segment_ids=segment_ids)
+                                        cache=conv_cache, segment_ids=segment_ids, valid_len=valid_len)
             return jax.nn.silu(y).reshape(batch, seq_len, g.num_heads, head_dim), new_conv
 
         previous = cache if cache is not None else GatedDeltaNetCache(None, None, None, None)  # None: start
@@ -102,6 +115,9 @@ class GatedDeltaNet(nnx.Module):
         beta = jax.nn.sigmoid(self.b_proj(x))
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         decay = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+        if valid is not None:
+            beta = jnp.where(valid[..., None], beta, jnp.zeros((), beta.dtype))
+            decay = jnp.where(valid[..., None], decay, 0.0)
         o, state = gated_delta_rule(l2_normalize(q), l2_normalize(k), v, decay, beta,
                                     initial_state=previous.state, segment_ids=segment_ids,
                                     impl=self.cfg.delta_rule_impl)

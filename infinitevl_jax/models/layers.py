@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -75,3 +76,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def parameter_count(module: nnx.Module | None) -> int:
+    """Parameters of a module, concrete or abstract (``nnx.eval_shape``); 0 for None."""
+    if module is None:
+        return 0
+    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))

@@ -8,6 +8,10 @@ sliding layer: with the current token that is exactly ``window`` keys). Token ``
 over the whole stream) lives in slot ``n % capacity``; the stream length is the decoder's
 cache index, so slot positions are derived, never stored. A full-attention layer's cache holds
 ``capacity`` tokens at most, chosen by the caller.
+
+Padding in cache mode: tokens before a row's ``start`` (stream index of its first real token)
+are left padding, never visible as keys; tokens of a call from ``valid_len`` on are right padding,
+never written to the cache (and, coming after every real query, never visible either).
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from flax import nnx
 
 from infinitevl_jax.models.config import DecoderConfig
 from infinitevl_jax.models.layers import Dense
-from infinitevl_jax.ops.attention import attention, masked_attention, visibility
+from infinitevl_jax.ops.attention import attention, chunk_attention, masked_attention, visibility
 from infinitevl_jax.ops.rope import apply_rope
+
+
+# Query x key entries up to which a cached call attends through one dense mask: decode steps, and
+# a 448 px frame's 256 tokens over an 8K window (at most 256 MiB of float32 logits over 16 heads).
+DENSE_CACHED_MAX_ELEMENTS = 1 << 22
 
 
 class KVCache(NamedTuple):
@@ -61,8 +70,14 @@ class SelfAttention(nnx.Module):
         self.v_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
         self.o_proj = Dense(hq * hd, d, axes=("heads", "embed"), **dense)
 
-    def __call__(self, x, cos, sin, *, cache: KVCache | None = None, index=0, segment_ids=None):
-        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``; with a cache, ``index`` = tokens seen before x."""
+    def __call__(self, x, cos, sin, *, cache: KVCache | None = None, index=0, start=None, valid_len=None,
+                 segment_ids=None):
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``.
+
+        With a cache: ``index`` = tokens seen before x (int32 scalar), ``start`` int32 ``[B]`` =
+        stream index of each row's first real token (earlier ones are left padding; None: 0),
+        ``valid_len`` = real tokens of x, a prefix (None: all T).
+        """
         cfg = self.cfg
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
@@ -73,24 +88,32 @@ class SelfAttention(nnx.Module):
             o = attention(q, k, v, window=self.window, segment_ids=segment_ids, impl=cfg.attention_impl)
         else:
             if segment_ids is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a decode cache")
-            o, cache = self._attend_cached(q, k, v, cache, index)
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a decode cache; pad "
+                                 "instead: the cache's start (left padding) and valid_len (right padding)")
+            start = jnp.zeros((batch,), jnp.int32) if start is None else start
+            valid_len = seq_len if valid_len is None else valid_len
+            o, cache = self._attend_cached(q, k, v, cache, index, start, valid_len)
         return self.o_proj(o.reshape(batch, seq_len, -1)), cache
 
-    def _attend_cached(self, q, k, v, cache: KVCache, index):
+    def _attend_cached(self, q, k, v, cache: KVCache, index, start, valid_len):
         capacity = cache.k.shape[1]
         seq_len = q.shape[1]
-        q_index = index + jnp.arange(seq_len)
-        slot_index = slot_token_index(index, capacity)
-        k_index = jnp.concatenate([slot_index, q_index])
-        k_valid = jnp.concatenate([slot_index >= 0, jnp.ones((seq_len,), bool)])
-        mask = visibility(q_index, k_index, self.window, k_valid)
-        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-        o = masked_attention(q, keys, values, mask[None])
-        # Write the newest min(T, capacity) tokens into their slots; older ones are dropped.
-        keep = jnp.arange(seq_len) >= seq_len - capacity
-        slots = jnp.where(keep, jnp.mod(q_index, capacity), capacity)
+        impl = self.cfg.attention_impl
+        if impl == "dense" or (impl != "blockwise" and seq_len * (capacity + seq_len) <= DENSE_CACHED_MAX_ELEMENTS):
+            # Slots as they lie (no reordering or copy of a possibly long cache): explicit token indices.
+            k_index = jnp.concatenate([slot_token_index(index, capacity), index + jnp.arange(seq_len)])
+            mask = visibility(index + jnp.arange(seq_len), k_index, self.window, k_index[None] >= start[:, None])
+            o = masked_attention(q, (cache.k, k.astype(cache.k.dtype)), (cache.v, v.astype(cache.v.dtype)), mask)
+        else:
+            # Stream order: position p < capacity holds token index - capacity + p, in slot (index + p) % capacity;
+            # token start[b] sits at position start - index + capacity (start >= 0: empty slots are masked too).
+            order = jnp.mod(index + jnp.arange(capacity), capacity)
+            o = chunk_attention(q, k, v, jnp.take(cache.k, order, axis=1), jnp.take(cache.v, order, axis=1),
+                                first_visible=start - index + capacity, window=self.window, impl=impl)
+        # Write the newest min(valid_len, capacity) real tokens into their slots; the rest is dropped.
+        t = jnp.arange(seq_len)
+        keep = (t < valid_len) & (t >= valid_len - capacity)
+        slots = jnp.where(keep, jnp.mod(index + t, capacity), capacity)
         new_k = cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop")
         new_v = cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop")
         return o, KVCache(new_k, new_v)

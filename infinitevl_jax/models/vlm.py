@@ -14,6 +14,12 @@ the k-th merged image token from the ViT, and likewise for videos. Positions: mR
 ``rope_index`` over the whole sequence. Padding runs as its own segment (``segment_ids = attention_mask``):
 real tokens never see pads, and Gated DeltaNet states restart at the first real token (the
 PyTorch original lets left pads leak into the GDN state instead; spec section 11, pitfall 7).
+
+Packed batches (``data.packing.PackedBatch``, several examples per row) go through
+``prepare_packed`` instead: positions and segments come with the batch, each row's images and
+videos run through the ViT as one padded item list (``data.vision_budget``), and the k-th vision
+placeholder of row b (image or video, in token order) takes row b's k-th merged token. Every shape
+is fixed by the batch, so it is jit-able and compiles once.
 """
 
 from __future__ import annotations
@@ -28,17 +34,17 @@ from flax import nnx
 from infinitevl_jax.data.positions import rope_index
 from infinitevl_jax.models.config import VisionConfig, VisionLanguageConfig
 from infinitevl_jax.models.decoder import Decoder, DecoderCache
-from infinitevl_jax.models.vision import VisionTransformer, encode_vision
+from infinitevl_jax.models.vision import AttentionGroups, VisionLayout, VisionTransformer, encode_vision
 
 
 class PreparedInputs(NamedTuple):
     """Decoder inputs: embeds ``[B, T, D]``, position_ids ``[3, B, T]``, segment_ids ``[B, T]``
-    (or None), rope_deltas ``[B, 1]``."""
+    (or None), rope_deltas ``[B, 1]`` (None for packed batches, which are never continued)."""
 
     embeds: jax.Array
     position_ids: jax.Array
     segment_ids: jax.Array | None
-    rope_deltas: np.ndarray
+    rope_deltas: np.ndarray | None
 
 
 class VisionLanguageOutput(NamedTuple):
@@ -50,6 +56,12 @@ class VisionLanguageOutput(NamedTuple):
     rope_deltas: np.ndarray
 
 
+def _splice(embeds, mask, order, features):
+    """``embeds [B, T, D]`` with position (b, t) replaced by ``features[order[b, t]]`` where ``mask``."""
+    rows = jnp.take(features.astype(embeds.dtype), jnp.clip(order, 0, features.shape[0] - 1), axis=0)
+    return jnp.where(mask[..., None], rows, embeds)
+
+
 def splice_features(embeds, input_ids, token_id, features):
     """Replaces the embeddings at ``input_ids == token_id`` by the rows of ``features`` in order.
 
@@ -57,9 +69,31 @@ def splice_features(embeds, input_ids, token_id, features):
     matching positions (checked by the caller; jit-compatible).
     """
     mask = input_ids == token_id
-    order = jnp.cumsum(mask.reshape(-1)) - 1
-    rows = jnp.take(features.astype(embeds.dtype), jnp.clip(order, 0, features.shape[0] - 1), axis=0)
-    return jnp.where(mask[..., None], rows.reshape(embeds.shape), embeds)
+    order = jnp.cumsum(mask.reshape(-1)).reshape(mask.shape) - 1
+    return _splice(embeds, mask, order, features)
+
+
+def splice_row_features(embeds, mask, features):
+    """Per row: the k-th position where ``mask [B, T]`` holds takes ``features[b, k]`` (``[B, K, D]``);
+    rows may use fewer than K features (the rest is padding)."""
+    batch, k = features.shape[:2]
+    order = jnp.cumsum(mask, axis=1) - 1 + (jnp.arange(batch) * k)[:, None]
+    return _splice(embeds, mask, order, features.reshape(batch * k, -1))
+
+
+def flatten_vision_layout(layout: VisionLayout) -> VisionLayout:
+    """A per-row layout (every array with a leading ``B`` axis, ``P`` patches per row) as the
+    layout of one ``[B * P]`` patch sequence: rows' patch ids offset by ``b * P``, groups
+    concatenated, slots offset by ``b * G * L``. jit-compatible."""
+    batch, patches = layout.rows.shape
+
+    def groups(g: AttentionGroups) -> AttentionGroups:
+        count, width = g.index.shape[1:]
+        index = g.index + (jnp.arange(batch) * patches)[:, None, None]
+        position = g.position + (jnp.arange(batch) * count * width)[:, None]
+        return AttentionGroups(index.reshape(batch * count, width), g.lengths.reshape(-1), position.reshape(-1))
+
+    return VisionLayout(layout.rows.reshape(-1), layout.cols.reshape(-1), groups(layout.window), groups(layout.full))
 
 
 def _check_count(input_ids, token_id, features, what):
@@ -125,6 +159,29 @@ class VisionLanguageModel(nnx.Module):
             image_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id)
         segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         return PreparedInputs(embeds, jnp.asarray(position_ids), segment_ids, rope_deltas)
+
+    def prepare_packed(self, batch) -> PreparedInputs:
+        """Decoder inputs of a packed batch (``data.packing.PackedBatch`` or anything with its
+        fields: input_ids, segment_ids ``[B, T]``, position_ids ``[B, 3, T]``, pixel_values
+        ``[B, P, patch_dim]`` and a per-row vision_layout, or None for text only). jit-able.
+        """
+        input_ids = jnp.asarray(batch.input_ids)
+        if input_ids.ndim != 2 or batch.position_ids.shape != (input_ids.shape[0], 3, input_ids.shape[1]):
+            raise ValueError(f"packed input_ids must be [B, T] and position_ids [B, 3, T]; got "
+                             f"{input_ids.shape} and {batch.position_ids.shape}")
+        embeds = self.embed(input_ids)
+        if batch.pixel_values is not None:
+            if self.visual is None:
+                raise ValueError("the batch has pixel_values but this model config has no vision tower")
+            rows, patches = batch.pixel_values.shape[:2]
+            features = self.visual.encode(jnp.reshape(batch.pixel_values, (rows * patches, -1)),
+                                          flatten_vision_layout(batch.vision_layout))
+            tokens = self.cfg.tokens
+            mask = (input_ids == tokens.image_token_id) | (input_ids == tokens.video_token_id)
+            merged = patches // self.visual.cfg.merge_unit
+            embeds = splice_row_features(embeds, mask, features.reshape(rows, merged, -1))
+        position_ids = jnp.transpose(jnp.asarray(batch.position_ids), (1, 0, 2))
+        return PreparedInputs(embeds, position_ids, jnp.asarray(batch.segment_ids), None)
 
     def __call__(self, input_ids, *, cache: DecoderCache | None = None, **inputs) -> VisionLanguageOutput:
         """Forward of whole sequences (``prepare`` + the decoder); ``inputs`` as in ``prepare``.

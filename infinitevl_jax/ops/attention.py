@@ -14,8 +14,10 @@ Impls of ``attention`` (self-attention over one sequence, no cache):
   block can see are visited (O(T * min(T, W)) work, O(block^2) memory per step);
 - ``"auto"``: cuDNN where it applies, dense up to ``DENSE_MAX_LEN`` tokens, blockwise beyond.
 
-``masked_attention`` is the cache path: explicit query/key token indices and key validity,
-bounded sizes (a decode step or one prefill chunk against a window cache).
+``masked_attention`` is the short cache path (a decode step, a short chunk): explicit query/key
+token indices and key validity. ``chunk_attention`` is the long one (a prefill chunk after a
+cache): keys in stream order with a per-row first visible key; it runs flash attention
+(``attention``) where the chunk allows, else an online softmax over the visible key blocks.
 """
 
 from __future__ import annotations
@@ -59,17 +61,25 @@ def masked_attention(q, k, v, mask):
     """Softmax attention under an explicit boolean mask.
 
     Args:
-      q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``; mask: ``[B, T, S]`` (or broadcastable).
+      q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``, or tuples of parts ``[B, S_i, Hkv, D]`` that
+        form the S keys in order (e.g. a cache and the new tokens: attended without copying
+        them into one array); mask: ``[B, T, S]`` (or broadcastable).
     Returns ``[B, T, Hq, D]`` in q's dtype. Rows with no visible key return zeros.
     """
+    k_parts, v_parts = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (k, v))
     batch, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k_parts[0].shape[2]
     qg = q.reshape(batch, t, hkv, hq // hkv, d)
-    logits = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    mask = jnp.broadcast_to(mask, (batch, t, k.shape[1]))[:, None, None]
+    logits = jnp.concatenate([jnp.einsum("bthgd,bshd->bhgts", qg, part, preferred_element_type=jnp.float32)
+                              for part in k_parts], axis=-1) / math.sqrt(d)
+    mask = jnp.broadcast_to(mask, (batch, t, logits.shape[-1]))[:, None, None]
     logits = jnp.where(mask, logits, _MASKED)
     probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bhgts,bshd->bthgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out, start = 0.0, 0
+    for part in v_parts:
+        p = probs[..., start:start + part.shape[1]].astype(part.dtype)
+        out = out + jnp.einsum("bhgts,bshd->bthgd", p, part, preferred_element_type=jnp.float32)
+        start += part.shape[1]
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
@@ -109,32 +119,59 @@ def _blockwise(q, k, v, window, segment_ids, block):
         q_index = i * block + jnp.arange(block)
 
         def key_block(carry, step):
-            m, l, acc = carry
             j = i - (span - 1) + step
             jc = jnp.maximum(j, 0)
             k_j, v_j, s_j = kb[:, jc], vb[:, jc], sb[:, jc]
             k_index = jc * block + jnp.arange(block)
             mask = visibility(q_index, k_index, window) & (j >= 0)
             mask = mask[None] & (s_i[:, :, None] == s_j[:, None, :])  # [B, bq, bk]
-            logits = jnp.einsum("bthgd,bshd->bhgts", q_i, k_j, preferred_element_type=jnp.float32)
-            logits = jnp.where(mask[:, None, None], logits, _MASKED)
-            m_new = jnp.maximum(m, logits.max(-1))
-            p = jnp.exp(logits - m_new[..., None])
-            rescale = jnp.exp(m - m_new)
-            l = l * rescale + p.sum(-1)
-            acc = acc * rescale[..., None] + jnp.einsum(
-                "bhgts,bshd->bhgtd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-            return (m_new, l, acc), None
+            return _online_softmax_step(carry, q_i, k_j, v_j, mask), None
 
-        shape = (batch, hkv, hq // hkv, block)
-        init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros((*shape, d), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(span))
-        return acc / l[..., None]  # [B, Hkv, G, bq, D]
+        carry, _ = jax.lax.scan(key_block, _online_softmax_init(batch, hkv, hq // hkv, block, d), jnp.arange(span))
+        return _online_softmax_finish(carry)
 
     out = jax.lax.map(query_block, jnp.arange(n))  # [N, B, Hkv, G, bq, D]
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(batch, n * block, hq, d)
-    return out[:, :t].astype(q.dtype)
+    return _from_query_blocks(out, t).astype(q.dtype)
+
+
+def _online_softmax_init(batch, hkv, groups, block, d):
+    """Running max, normaliser and weighted sum of values for ``block`` queries, before any key."""
+    shape = (batch, hkv, groups, block)
+    return (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, d), jnp.float32))
+
+
+def _online_softmax_step(carry, q_blk, k_blk, v_blk, mask):
+    """Folds one key block into the running softmax (FlashAttention's online rescaling).
+
+    carry: ``(m, l, acc)`` with m, l ``[B, Hkv, G, bq]`` and acc ``[B, Hkv, G, bq, D]``; q_blk
+    ``[B, bq, Hkv, G, D]`` (already scaled); k_blk, v_blk ``[B, bk, Hkv, D]``; mask ``[B, bq, bk]``.
+    With ``s`` the block's logits, ``m' = max(m, max_visible s)``, ``p = exp(s - m')`` on visible
+    keys (0 elsewhere), ``l' = l e^{m - m'} + sum p``, ``acc' = acc e^{m - m'} + p v``.
+    """
+    m, l, acc = carry
+    logits = jnp.einsum("bthgd,bshd->bhgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    visible = mask[:, None, None]
+    logits = jnp.where(visible, logits, _MASKED)  # finite everywhere: no inf under exp, in either mode
+    m_new = jnp.maximum(m, logits.max(-1))
+    p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)
+    rescale = jnp.exp(m - m_new)
+    l = l * rescale + p.sum(-1)
+    acc = acc * rescale[..., None] + jnp.einsum(
+        "bhgts,bshd->bhgtd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+
+def _online_softmax_finish(carry):
+    """``acc / l`` ``[B, Hkv, G, bq, D]``; queries that saw no key get zeros."""
+    _, l, acc = carry
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _from_query_blocks(out, t):
+    """``[N, B, Hkv, G, bq, D]`` per query block -> ``[B, t, Hq, D]`` (padding rows dropped)."""
+    n, batch, hkv, groups, block, d = out.shape
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(batch, n * block, hkv * groups, d)
+    return out[:, :t]
 
 
 def _resolve(impl, q, window, segment_ids):
@@ -169,3 +206,93 @@ def attention(q, k, v, *, window=None, segment_ids=None, impl="auto", block_size
             raise ValueError("the cudnn attention impl does not take segment_ids; use 'blockwise'")
         return _cudnn(q, k, v, window)
     return _blockwise(q, k, v, window, segment_ids, block_size)
+
+
+
+def chunk_attention(q, k, v, past_k, past_v, *, first_visible, window=None, impl="auto", block_q=512,
+                    block_k=1024):
+    """Attention of T new tokens over P earlier ones and themselves (a prefill chunk after a cache).
+
+    Keys are ``concat(past_k, k)`` in stream order: key position ``p < P`` is the token
+    ``P - p`` places before the first new one, key ``P + t`` is new token t, and query t sits at
+    key position ``P + t``. Key p is visible to query t iff ``first_visible[b] <= p <= P + t``
+    and ``P + t - p < window`` (None: unbounded): the visibility rule of ``attention`` on stream
+    indices, with every key before ``first_visible[b]`` (empty cache slots, left padding) masked.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (the new tokens' keys and values).
+      past_k, past_v: ``[B, P, Hkv, D]``, oldest first.
+      first_visible: int ``[B]`` (may be traced): key position of each row's first real key.
+      window: keys per query including itself, or None.
+      impl: ``"blockwise"``: online softmax over ``block_q x block_k`` tiles, visiting per query
+        block only the key blocks from its first possibly visible one to its last causal one
+        (O(T * min(P + T, W)) work, bounded memory). ``"auto"`` / ``"cudnn"``: decided at run
+        time: (a) no past key visible and no new token padding (``first_visible == P``): causal
+        self-attention of the new tokens, ``attention(q, k, v, impl=impl)`` (cuDNN flash
+        attention on GPU); (b) sliding window, ``2 T >= P`` (static) and every past key visible
+        (``first_visible <= 0``): self-attention over all ``P + T`` tokens with zero queries for
+        the past ones, keeping the last T outputs (``(P + T) W`` work, at most 3x the useful
+        ``T W``, at flash-attention speed); (c) otherwise blockwise.
+    Returns ``[B, T, Hq, D]`` in q's dtype; queries with no visible key (padding) get zeros.
+    """
+    _check(q, k, v, window, None)
+    if past_k.ndim != 4 or past_k.shape != past_v.shape or past_k.shape[0] != k.shape[0] \
+            or past_k.shape[2:] != k.shape[2:]:
+        raise ValueError(f"past_k and past_v must both be [B, P, Hkv, D] matching k {k.shape}; "
+                         f"got {past_k.shape} and {past_v.shape}")
+    if impl not in ("auto", "cudnn", "blockwise"):
+        raise ValueError(f"chunk_attention impl must be 'auto', 'cudnn' or 'blockwise'; got {impl!r}")
+    past = past_k.shape[1]
+    first_visible = jnp.broadcast_to(jnp.asarray(first_visible, jnp.int32), (q.shape[0],))
+    keys = lambda: jnp.concatenate([past_k, k.astype(past_k.dtype)], axis=1)
+    values = lambda: jnp.concatenate([past_v, v.astype(past_v.dtype)], axis=1)
+
+    def blockwise():
+        return _offset_blockwise(q, keys(), values(), past, first_visible, window, block_q, block_k)
+
+    if impl == "blockwise":
+        return blockwise()
+
+    def new_only():
+        return attention(q, k, v, window=window, impl=impl)
+
+    def with_prefix():
+        queries = jnp.concatenate([jnp.zeros((q.shape[0], past, *q.shape[2:]), q.dtype), q], axis=1)
+        return attention(queries, keys(), values(), window=window, impl=impl)[:, past:]
+
+    case = jnp.where(jnp.all(first_visible == past), 0, 1)
+    if window is None or 2 * q.shape[1] < past:
+        return jax.lax.switch(case, [new_only, blockwise])
+    case = jnp.where(jnp.all(first_visible <= 0) & (case == 1), 2, case)
+    return jax.lax.switch(case, [new_only, blockwise, with_prefix])
+
+
+def _offset_blockwise(q, k, v, query_offset, first_visible, window, block_q, block_k):
+    """``chunk_attention``'s online softmax: query t at key position ``query_offset + t``;
+    each query block loops (``fori_loop`` with run-time bounds) over the key blocks from the
+    first one it may see (window start or the batch's first visible key) to its last causal one."""
+    batch, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    bq, bk = min(block_q, t), min(block_k, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    k, v = (jnp.pad(x, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0))) for x in (k, v))  # past every query: invisible
+    qb = q.reshape(batch, nq, bq, hkv, hq // hkv, d) / math.sqrt(d)
+    kb, vb = (x.reshape(batch, nk, bk, hkv, d) for x in (k, v))
+    lowest = jnp.maximum(jnp.min(first_visible), 0)
+
+    def query_block(i):
+        first_query = query_offset + i * bq
+        q_index = first_query + jnp.arange(bq)
+        first_key = lowest if window is None else jnp.maximum(lowest, first_query - (window - 1))
+        last_key = jnp.minimum(first_query + bq - 1, s - 1)
+
+        def key_block(j, carry):
+            k_index = j * bk + jnp.arange(bk)
+            mask = visibility(q_index, k_index, window)[None] & (k_index[None, None, :] >= first_visible[:, None, None])
+            return _online_softmax_step(carry, qb[:, i], kb[:, j], vb[:, j], mask)
+
+        init = _online_softmax_init(batch, hkv, hq // hkv, bq, d)
+        return _online_softmax_finish(jax.lax.fori_loop(first_key // bk, last_key // bk + 1, key_block, init))
+
+    return _from_query_blocks(jax.lax.map(query_block, jnp.arange(nq)), t).astype(q.dtype)

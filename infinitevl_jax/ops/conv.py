@@ -15,6 +15,7 @@ FLA keeps a ``[B, C, W]`` conv state whose last ``W-1`` columns (transposed) are
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -41,7 +42,7 @@ def _check_shapes(x, weight, cache, segment_ids):
             raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
 
 
-def causal_conv1d(x, weight, *, cache=None, segment_ids=None):
+def causal_conv1d(x, weight, *, cache=None, segment_ids=None, valid_len=None):
     """Depthwise causal conv over time, as ``W`` shifted slices (no ``T x T`` matrix).
 
     Args:
@@ -52,10 +53,14 @@ def causal_conv1d(x, weight, *, cache=None, segment_ids=None):
       segment_ids: optional ``[B, T]`` integer ids of packed sequences. A tap whose source token is
         in a different segment than token t contributes 0. The cache carries no segment ids: its
         rows count as token 0's segment.
+      valid_len: optional int scalar (may be traced), ``0 <= valid_len <= T``: only the first
+        ``valid_len`` tokens of x are real, the rest is right padding that the new cache never
+        holds. Default T.
 
     Returns:
       ``(y, new_cache)``: y ``[B, T, C]`` in x's dtype (accumulated in float32); new_cache
-      ``[B, W - 1, C]`` in x's dtype = the last ``W - 1`` rows of ``concat(cache, x)`` over time.
+      ``[B, W - 1, C]`` in x's dtype = the ``W - 1`` rows of ``concat(cache, x)`` that end at
+      token ``valid_len - 1`` (the last ``W - 1`` rows without padding).
     """
     _check_shapes(x, weight, cache, segment_ids)
     batch, seq_len, channels = x.shape
@@ -78,5 +83,8 @@ def causal_conv1d(x, weight, *, cache=None, segment_ids=None):
             tap = jnp.where(same_segment[..., None], tap, 0.0)
         y = y + tap
 
-    new_cache = padded[:, padded.shape[1] - (width - 1):]
+    if valid_len is None:
+        new_cache = padded[:, padded.shape[1] - (width - 1):]
+    else:  # rows [valid_len, valid_len + W - 1) of padded end at x[valid_len - 1]
+        new_cache = jax.lax.dynamic_slice_in_dim(padded, valid_len, width - 1, axis=1)
     return y.astype(x.dtype), new_cache

@@ -1,0 +1,185 @@
+"""Jitted prefill chunks and decode steps of one decoder, compiled once per shape.
+
+The decoder is split once into its graph and parameters (``nnx.split``); the two device
+functions are plain ``jax.jit`` functions of (parameters, cache, inputs), so a call costs no
+module-graph walk and each compiles once per input shape:
+
+- ``prefill``: feeds T tokens (ids or embeddings) in chunks of at most ``chunk_size``; the last,
+  shorter piece is right-padded to a power-of-two bucket (at least ``min_bucket``) and run with
+  ``valid_len`` (padding changes nothing in the cache). Distinct compiled shapes: ``chunk_size``
+  and the buckets below it, whatever T is. Returns each row's logits at token T - 1.
+- ``decode_step``: one token per row at mRoPE position ``count + rope_delta`` (text: the same on
+  all three axes), then the next token sampled on the device; the cache buffer is donated, so
+  the step updates it in place. Its shapes never change, so it compiles once per batch size and
+  sampling setting.
+
+Sizes: a hybrid decoder's cache has a fixed size; a full-attention (teacher) cache holds
+``max_len`` tokens (``full_attention_capacity``) and must not be overrun: past it, its ring
+buffer would silently turn the teacher into a sliding window of ``max_len``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from infinitevl_jax.infer.sampling import SamplingConfig, sample_tokens
+from infinitevl_jax.models.decoder import Decoder, DecoderCache
+
+
+def chunk_plan(seq_len: int, chunk_size: int, min_bucket: int = 16) -> list[tuple[int, int, int]]:
+    """``(start, length, padded_length)`` per piece: full chunks, then the rest padded to a bucket.
+
+    The bucket is the smallest power of two >= the rest (at least ``min_bucket``), capped at
+    ``chunk_size``.
+    """
+    if seq_len < 1:
+        raise ValueError(f"nothing to prefill: {seq_len} tokens")
+    if chunk_size < 1 or min_bucket < 1:
+        raise ValueError(f"chunk_size and min_bucket must be >= 1; got {chunk_size}, {min_bucket}")
+    pieces = [(s, chunk_size, chunk_size) for s in range(0, seq_len - chunk_size + 1, chunk_size)]
+    done = len(pieces) * chunk_size
+    if done < seq_len:
+        rest = seq_len - done
+        bucket = max(min_bucket, 1 << (rest - 1).bit_length())
+        pieces.append((done, rest, min(bucket, chunk_size)))
+    return pieces
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every array in a cache (or any pytree)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def full_attention_capacity(decoder: Decoder, cache: DecoderCache) -> int | None:
+    """Tokens a full-attention layer's cache holds (None: the pattern has none, no limit)."""
+    types = decoder.cfg.block_pattern
+    if "full_attention" not in types:
+        return None
+    return int(cache.layers[types.index("full_attention")].k.shape[2])  # [blocks, B, capacity, H, D]
+
+
+def _prefill_chunk(graphdef, params, cache, inputs, position_ids, valid_len):
+    decoder = nnx.merge(graphdef, params)
+    ids, embeds = (inputs, None) if inputs.ndim == 2 else (None, inputs)
+    hidden, cache = decoder.hidden_states(ids, inputs_embeds=embeds, position_ids=position_ids, cache=cache,
+                                          valid_len=valid_len)
+    last = jax.lax.dynamic_index_in_dim(hidden, valid_len - 1, axis=1, keepdims=False)  # [B, D]
+    return decoder.logits(last), cache
+
+
+def _decode_step(graphdef, sampling, vocab_limit, params, cache, tokens, counts, rope_deltas, key):
+    decoder = nnx.merge(graphdef, params)
+    positions = (counts + rope_deltas)[:, None]  # [B, 1]
+    if decoder.cfg.mrope_section is not None:
+        positions = jnp.broadcast_to(positions, (3, *positions.shape))
+    hidden, cache = decoder.hidden_states(tokens[:, None], position_ids=positions, cache=cache)
+    key, draw = jax.random.split(key)
+    return sample_tokens(decoder.logits(hidden[:, 0]), draw, sampling, vocab_limit), counts + 1, key, cache
+
+
+class DecoderEngine:
+    """``prefill`` / ``decode_step`` / ``sample`` of a ``Decoder`` (module docstring).
+
+    The parameters are taken when the engine is built: later changes to the module are not seen.
+    """
+
+    def __init__(self, decoder: Decoder, *, chunk_size: int = 4096, min_bucket: int = 16):
+        chunk_plan(1, chunk_size, min_bucket)  # validates the sizes
+        self.decoder = decoder
+        self.chunk_size, self.min_bucket = chunk_size, min_bucket
+        graphdef, self.params = nnx.split(decoder)
+        self._traces = collections.Counter()
+        prefill = self._counted("prefill", functools.partial(_prefill_chunk, graphdef))
+        self._prefill = jax.jit(prefill)
+        self._prefill_donating = jax.jit(prefill, donate_argnums=(1,))
+        self._decode = jax.jit(self._counted("decode", functools.partial(_decode_step, graphdef)),
+                               static_argnums=(0, 1), donate_argnums=(3,))
+        self._sample = jax.jit(sample_tokens, static_argnums=(2, 3))
+
+    def _counted(self, name, fn):
+        """``fn`` that counts its traces: jit traces (and then compiles) once per new input signature."""
+
+        def traced(*args):
+            self._traces[name] += 1
+            return fn(*args)
+
+        return traced
+
+    def compile_counts(self) -> dict[str, int]:
+        """Programs traced and compiled so far by ``prefill`` (all chunk shapes) and ``decode_step``."""
+        return {"prefill": self._traces["prefill"], "decode": self._traces["decode"]}
+
+    def prefill(self, cache: DecoderCache, position_ids, *, input_ids=None, inputs_embeds=None,
+                donate: bool = False, progress: bool = False):
+        """Feeds T tokens to the cache in chunks.
+
+        Args:
+          cache: the stream so far (its ``start`` marks left padding, see ``Decoder.init_cache``).
+          position_ids: int ``[3, B, T]`` mRoPE ids (or ``[B, T]`` for 1-D RoPE), host or device.
+          input_ids: int ``[B, T]`` (host NumPy: padded on the host), or
+          inputs_embeds: ``[B, T, D]`` embeddings (e.g. with vision tokens spliced in).
+          donate: let XLA reuse the input cache's buffers (the caller must not use it again).
+          progress: a tqdm bar over the chunks.
+
+        Returns ``(logits [B, vocab] float32 of token T - 1, new cache)``.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        inputs = np.asarray(input_ids, np.int32) if inputs_embeds is None else inputs_embeds
+        if inputs.ndim != (2 if inputs_embeds is None else 3):
+            raise ValueError(f"input_ids must be [B, T] / inputs_embeds [B, T, D]; got shape {inputs.shape}")
+        batch, seq_len = inputs.shape[:2]
+        position_ids = np.asarray(position_ids, np.int32)
+        if position_ids.shape[-2:] != (batch, seq_len) or position_ids.ndim not in (2, 3):
+            raise ValueError(f"position_ids must be [3, B, T] or [B, T] with (B, T) = {(batch, seq_len)}; "
+                             f"got {position_ids.shape}")
+        if cache.start.shape != (batch,):
+            raise ValueError(f"the cache holds {cache.start.shape[0]} rows but the input has {batch}")
+        run = self._prefill_donating if donate else self._prefill
+        pieces = chunk_plan(seq_len, self.chunk_size, self.min_bucket)
+        logits = None
+        for start, length, padded in tqdm(pieces, desc="prefill", unit="chunk", file=sys.stdout,
+                                          disable=not progress):
+            logits, cache = run(self.params, cache, _right_pad(inputs[:, start:start + length], padded),
+                                _right_pad(position_ids[..., start:start + length], padded, time_axis=-1),
+                                np.int32(length))
+        return logits, cache
+
+    def decode_step(self, cache: DecoderCache, tokens, counts, rope_deltas, key, sampling: SamplingConfig,
+                    vocab_limit: int | None = None):
+        """Feeds ``tokens`` int32 ``[B]`` at positions ``counts + rope_deltas`` (int32 ``[B]`` each)
+        and samples the next ones. The cache is donated (do not reuse the one passed).
+
+        Returns ``(next tokens [B], counts + 1, next key, cache)``.
+        """
+        return self._decode(sampling, vocab_limit, self.params, cache, tokens, counts, rope_deltas, key)
+
+    def decode_memory(self, cache: DecoderCache, sampling: SamplingConfig = SamplingConfig()):
+        """XLA's ``memory_analysis()`` of the compiled decode step for this cache (temp, argument,
+        output and aliased bytes): a temp size near the cache's own means a step copies the cache."""
+        batch = cache.start.shape[0]
+        zeros = np.zeros((batch,), np.int32)
+        return self._decode.lower(sampling, None, self.params, cache, zeros, zeros, zeros,
+                                  jax.random.key(0)).compile().memory_analysis()
+
+    def sample(self, logits, key, sampling: SamplingConfig, vocab_limit: int | None = None):
+        """``sample_tokens`` jitted: int32 ``[B]`` from logits ``[B, V]``."""
+        return self._sample(logits, key, sampling, vocab_limit)
+
+
+def _right_pad(x, length: int, time_axis: int = 1):
+    """Pads the time axis of ``x`` with zeros up to ``length`` (NumPy on the host, jnp on the device)."""
+    missing = length - x.shape[time_axis]
+    if missing == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[time_axis] = (0, missing)
+    return np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, run directories and Orbax checkpoints."""
