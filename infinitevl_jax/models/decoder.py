@@ -129,6 +129,12 @@ class Decoder(nnx.Module):
         """``[B, T]`` ids -> ``[B, T, D]`` embeddings in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
 
+    def rope(self, position_ids):
+        """Rotary ``(cos, sin)`` ``[B, T, head_dim]`` in the compute dtype for ``[B, T]`` or ``[3, B, T]`` ids."""
+        cfg = self.cfg
+        return rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
+                            dtype=cfg.compute_dtype)
+
     def logits(self, hidden):
         """Final-normed hidden states ``[..., D]`` -> float32 logits ``[..., vocab]`` (tied or own head)."""
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
@@ -154,8 +160,7 @@ class Decoder(nnx.Module):
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         if position_ids is None:
             position_ids = jnp.broadcast_to(index + jnp.arange(seq_len), (batch, seq_len))
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
-                                dtype=cfg.compute_dtype)
+        cos, sin = self.rope(position_ids)
 
         step = lambda block, h, caches: block(h, cos, sin, caches=caches, span=span, segment_ids=segment_ids)
         x, layer_caches = scan_stacked(self.blocks, step, x, None if cache is None else cache.layers, cfg.remat)

@@ -13,13 +13,6 @@ import jax.numpy as jnp
 
 from infinitevl_jax.models.decoder import Decoder
 from infinitevl_jax.models.stacking import scan_stacked
-from infinitevl_jax.ops.rope import rope_cos_sin
-
-
-def _rope(decoder: Decoder, position_ids):
-    cfg = decoder.cfg
-    return rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, mrope_section=cfg.mrope_section,
-                        dtype=cfg.compute_dtype)
 
 
 def _check(decoder: Decoder, embeds, position_ids):
@@ -37,7 +30,7 @@ def residual_stream(decoder: Decoder, embeds, position_ids, segment_ids=None):
     embeds ``[B, T, D]``; position_ids ``[3, B, T]`` (mRoPE) or ``[B, T]``; segment_ids ``[B, T]``.
     """
     _check(decoder, embeds, position_ids)
-    cos, sin = _rope(decoder, position_ids)
+    cos, sin = decoder.rope(position_ids)
     x = embeds.astype(decoder.cfg.compute_dtype)
 
     def step(block, h, _):
@@ -57,7 +50,7 @@ def layers_on_inputs(decoder: Decoder, inputs, position_ids, segment_ids=None):
     if inputs.ndim != 4 or inputs.shape[0] != cfg.num_layers:
         raise ValueError(f"inputs must be [{cfg.num_layers} layers, B, T, D]; got {inputs.shape}")
     _check(decoder, inputs[0], position_ids)
-    cos, sin = _rope(decoder, position_ids)
+    cos, sin = decoder.rope(position_ids)
     period = len(cfg.block_pattern)
     per_block = inputs.astype(cfg.compute_dtype).reshape(cfg.num_blocks, period, *inputs.shape[1:])
 
