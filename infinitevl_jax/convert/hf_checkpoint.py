@@ -88,13 +88,6 @@ def is_hf_checkpoint(directory: str) -> bool:
         os.path.isfile(os.path.join(directory, f)) for f in (SINGLE_FILE, INDEX_FILE))
 
 
-def read_hf_checkpoint(directory: str) -> tuple[dict, CheckpointTensors]:
-    """``(parsed config.json, lazy tensors)`` of a Hugging Face checkpoint directory."""
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    return read_json(os.path.join(directory, CONFIG_FILE), "config.json"), CheckpointTensors(directory)
-
-
 def copy_sidecar_files(source: str, target: str, *, remote_code: bool = False) -> list[str]:
     """Copies the tokenizer/processor files (and the InfiniteVL remote code) present in ``source``."""
     names = [n for n in SIDECAR_FILES if os.path.isfile(os.path.join(source, n))]

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from infinitevl_jax.convert.atomic import atomic_directory
-from infinitevl_jax.convert.hf_checkpoint import CONFIG_FILE, copy_sidecar_files, is_hf_checkpoint, read_hf_checkpoint
+from infinitevl_jax.convert.hf_checkpoint import (CONFIG_FILE, CheckpointTensors, copy_sidecar_files, is_hf_checkpoint,
+                                                 read_json)
 from infinitevl_jax.convert.hf_config import config_from_hf
 from infinitevl_jax.convert.torch_params import load_params
 from infinitevl_jax.models.config import VisionLanguageConfig
@@ -52,7 +53,7 @@ def model_config_of(path: str, *, dtype: str | None = None, param_dtype: str | N
     if is_run_dir(path):
         cfg = VisionLanguageConfig.from_config(read_run_config(path))
     elif is_hf_checkpoint(path):
-        cfg = config_from_hf(read_hf_checkpoint(path)[0])
+        cfg = config_from_hf(read_json(os.path.join(path, CONFIG_FILE), CONFIG_FILE))
     else:
         raise FileNotFoundError(f"{path} is neither a run directory (run_config.json + checkpoints/) nor a "
                                 "Hugging Face checkpoint (config.json + model.safetensors[.index.json])")
@@ -86,7 +87,7 @@ def load_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
         return assemble_model(cfg, lambda params: restore_params(path, params, _shardings(params, mesh, rules), step))
     if step is not None:
         raise ValueError(f"step={step} applies to run directories only; {path} is a Hugging Face checkpoint")
-    _, tensors = read_hf_checkpoint(path)
+    tensors = CheckpointTensors(path)  # shard headers are read once, here
     try:
         return assemble_model(cfg, lambda params: load_params(
             cfg, tensors, params, None if mesh is None else param_shardings(params, mesh, rules)))
