@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from infinitevl_jax.ops.delta_rule.pallas_walk import F32, WalkCalls, backward_step, forward_step, make_walk, \
-    walk_states_with
+from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
+                                                     forward_out_shapes, forward_step, make_walk,
+                                                     walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py): V-blocks of 32
 # (128 programs for 16 heads, filling the GPU) with 2 pipeline stages on the chunk loop: 13.2 ms,
 # against 18.9 ms for 64 / 1 stage; 128-wide blocks, or 3 stages at 64, exceed shared memory.
@@ -113,9 +114,7 @@ def _forward_call(w, u, k_out, decay, s0):
         in_specs=[_by_group(n, c, d_k), _by_group_v(n, c, bv), _by_group(n, c, d_k), _by_group(n, d_k, 1),
                   _by_group_v(d_k, bv)],
         out_specs=[_by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
-        out_shape=[jax.ShapeDtypeStruct((groups, n, d_k, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, d_k, d_v), F32)],
+        out_shape=forward_out_shapes(groups, n, c, d_k, d_v),
         interpret=interpret, compiler_params=params, name="gdn_state_walk_fwd",
     )(w, u, k_out, decay, s0)
 
@@ -134,11 +133,7 @@ def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
                   _by_group_v(n, c, bv), _by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
         out_specs=[_partial_sum(n, c, d_k), _by_group_v(n, c, bv), _partial_sum(n, c, d_k), _partial_sum(n, d_k, 1),
                    _by_group_v(d_k, bv)],
-        out_shape=[jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-                   jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-                   jax.ShapeDtypeStruct((groups, blocks_v, n, d_k, 1), F32),
-                   jax.ShapeDtypeStruct((groups, d_k, d_v), F32)],
+        out_shape=backward_out_shapes(groups, blocks_v, n, c, d_k, d_v),
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd",
     )(w, k_out, decay, states, v_new, d_states, d_v_new, d_final)
     return d_w.sum(1), d_u, d_k.sum(1), d_d.sum(1), d_s0

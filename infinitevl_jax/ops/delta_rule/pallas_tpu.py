@@ -24,8 +24,9 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from infinitevl_jax.ops.delta_rule.pallas_walk import F32, WalkCalls, backward_step, forward_step, make_walk, \
-    walk_states_with
+from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
+                                                     forward_out_shapes, forward_step, make_walk,
+                                                     walk_states_with)
 
 BLOCK_V = 128  # lanes of a TPU vreg; V-blocks of this width walk in parallel
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -121,9 +122,7 @@ def _forward_call(w, u, k_out, decay, s0):
         in_specs=[_chunk_tile(c, d_k, forward, False), _chunk_tile(c, bv, forward, True),
                   _chunk_tile(c, d_k, forward, False), _chunk_tile(d_k, 1, forward, False), _state_tile(d_k, bv)],
         out_specs=[_chunk_tile(d_k, bv, forward, True), _chunk_tile(c, bv, forward, True), _state_tile(d_k, bv)],
-        out_shape=[jax.ShapeDtypeStruct((groups, n, d_k, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, d_k, d_v), F32)],
+        out_shape=forward_out_shapes(groups, n, c, d_k, d_v),
         scratch_shapes=[pltpu.VMEM((d_k, bv), F32)],
         interpret=interpret, compiler_params=params, name="gdn_state_walk_fwd_tpu",
     )(w, u, k_out, decay, s0)
@@ -146,11 +145,7 @@ def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
                   _chunk_tile(c, bv, reverse, True), _state_tile(d_k, bv)],
         out_specs=[_partial_tile(c, d_k, reverse), _chunk_tile(c, bv, reverse, True), _partial_tile(c, d_k, reverse),
                    _partial_tile(d_k, 1, reverse), _state_tile(d_k, bv)],
-        out_shape=[jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-                   jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
-                   jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-                   jax.ShapeDtypeStruct((groups, blocks_v, n, d_k, 1), F32),
-                   jax.ShapeDtypeStruct((groups, d_k, d_v), F32)],
+        out_shape=backward_out_shapes(groups, blocks_v, n, c, d_k, d_v),
         scratch_shapes=[pltpu.VMEM((d_k, bv), F32)],
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd_tpu",
     )(w, k_out, decay, states, v_new, d_states, d_v_new, d_final)

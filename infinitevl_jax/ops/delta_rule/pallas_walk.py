@@ -81,6 +81,20 @@ class WalkCalls(NamedTuple):
     backward: Callable
 
 
+def forward_out_shapes(groups: int, n: int, c: int, d_k: int, d_v: int) -> list[jax.ShapeDtypeStruct]:
+    """Outputs of every backend's forward walk kernel: states, v_new, final state (float32)."""
+    return [jax.ShapeDtypeStruct((groups, n, d_k, d_v), F32), jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
+            jax.ShapeDtypeStruct((groups, d_k, d_v), F32)]
+
+
+def backward_out_shapes(groups: int, blocks_v: int, n: int, c: int, d_k: int, d_v: int) -> list[jax.ShapeDtypeStruct]:
+    """Outputs of every backend's backward walk kernel: per-V-block partial d_w, d_k_out and
+    d_decay (summed by the caller), d_u, d_s0 (float32)."""
+    return [jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32), jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
+            jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
+            jax.ShapeDtypeStruct((groups, blocks_v, n, d_k, 1), F32), jax.ShapeDtypeStruct((groups, d_k, d_v), F32)]
+
+
 def make_walk(calls: WalkCalls) -> Callable:
     """The flat-group walk with the kernels' hand-written reverse walk as its VJP."""
 
