@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from infinitevl_jax.config import list_presets, load_config
 from infinitevl_jax.convert.commands import register as register_conversion
+from infinitevl_jax.evaluate.commands import register as register_evaluation
 from infinitevl_jax.infer.commands import register
+from infinitevl_jax.train.commands import register as register_training
 from infinitevl_jax.models.config import DecoderConfig, VisionLanguageConfig
 from infinitevl_jax.models.layers import parameter_count
 from infinitevl_jax.models.vlm import VisionLanguageModel
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_conversion(sub)
     register(sub)
+    register_evaluation(sub)
+    register_training(sub)
     return parser
 
 

@@ -83,8 +83,8 @@ def test_sharded_step_equals_single_device_step():
     assert state.params["language_model"]["embed_tokens"].sharding.spec == PartitionSpec("tensor", "fsdp")
     params_sharded = _flat(state.params)
     params_single, metrics_single = _one_step(Trainer(model, cfg, teacher=teacher), model, batch)
-    for key in ("loss", "grad_norm", "normalizer"):
-        np.testing.assert_allclose(float(metrics_sharded[key]), metrics_single[key], rtol=1e-5)
+    for key in ("loss", "grad_norm", "normalizer"):  # float32 sums in another order: ~1e-5 apart
+        np.testing.assert_allclose(float(metrics_sharded[key]), metrics_single[key], rtol=5e-5)
     for path, value in params_single.items():
         np.testing.assert_allclose(params_sharded[path], value, rtol=1e-5, atol=1e-6, err_msg=str(path))
 

@@ -4,6 +4,10 @@ The model is first built abstractly (``nnx.eval_shape``: shapes only, nothing al
 every parameter is created directly in its final place: on the default device, or with a mesh
 in the sharding the logical-axis rules give it, each device reading only its own shard
 (memory-mapped safetensors, or Orbax's sharded restore).
+
+A run directory of the LoRA stage (``train.lora.rank > 0`` in its ``run_config.json``) holds the
+adapters next to the frozen weights; loading it restores both and merges the adapters
+(``W + (alpha / r) A B``), so every caller gets the plain model.
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ from infinitevl_jax.models.config import VisionLanguageConfig
 from infinitevl_jax.models.vlm import VisionLanguageModel
 from infinitevl_jax.train.checkpoint import (SOURCE_CONFIG, is_run_dir, read_run_config, restore_params, save_params,
                                             write_run_config)
+from infinitevl_jax.train.lora import apply_lora, merge_lora
 from infinitevl_jax.train.sharding import LOGICAL_RULES, param_shardings
 
 
-def abstract_model(cfg: VisionLanguageConfig) -> VisionLanguageModel:
-    """The model with ``jax.ShapeDtypeStruct`` parameters (no memory, no initialisation run)."""
-    return nnx.eval_shape(lambda: VisionLanguageModel(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: VisionLanguageConfig, lora: Mapping | None = None) -> VisionLanguageModel:
+    """The model with ``jax.ShapeDtypeStruct`` parameters (no memory, no initialisation run);
+    ``lora`` (a ``train.lora`` section with rank > 0) adds the adapters."""
+    def build():
+        model = VisionLanguageModel(cfg, rngs=nnx.Rngs(0))
+        if lora and lora["rank"]:
+            apply_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], seed=lora["seed"])
+        return model
+    return nnx.eval_shape(build)
 
 
 def _shardings(params: nnx.State, mesh: Mesh | None, rules) -> nnx.State:
@@ -40,12 +51,33 @@ def _shardings(params: nnx.State, mesh: Mesh | None, rules) -> nnx.State:
     return jax.tree.map(lambda _: device, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def assemble_model(cfg: VisionLanguageConfig, fill) -> VisionLanguageModel:
-    """The model of ``cfg`` with parameters ``fill(abstract nnx.Param state)`` (nothing else allocated)."""
-    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+def assemble_model(cfg: VisionLanguageConfig, fill, lora: Mapping | None = None) -> VisionLanguageModel:
+    """The model of ``cfg`` (with ``lora`` adapters) with parameters ``fill(abstract nnx.Param
+    state)`` (nothing else allocated)."""
+    graphdef, params, rest = nnx.split(abstract_model(cfg, lora), nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise NotImplementedError(f"the model holds non-parameter state that loading does not restore: {rest}")
     return nnx.merge(graphdef, fill(params), rest)
+
+
+def random_model(cfg: VisionLanguageConfig, *, seed: int = 0, mesh: Mesh | None = None,
+                 rules: Mapping[str, object] = LOGICAL_RULES) -> VisionLanguageModel:
+    """A randomly initialised model whose parameters are created in place (one jitted init with
+    the rules' output shardings on ``mesh``, so no device ever holds an unsharded copy)."""
+    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise NotImplementedError(f"the model holds non-parameter state that random_model does not create: {rest}")
+    init = jax.jit(lambda: nnx.state(VisionLanguageModel(cfg, rngs=nnx.Rngs(seed)), nnx.Param),
+                   out_shardings=_shardings(params, mesh, rules))
+    return nnx.merge(graphdef, init(), rest)
+
+
+def run_lora(path: str) -> Mapping | None:
+    """The ``train.lora`` section of a run directory whose checkpoints hold LoRA adapters, else None."""
+    if not is_run_dir(path):
+        return None
+    lora = read_run_config(path).get("train", {}).get("lora")
+    return lora if lora and lora.get("rank") else None
 
 
 def model_config_of(path: str, *, dtype: str | None = None, param_dtype: str | None = None) -> VisionLanguageConfig:
@@ -84,7 +116,12 @@ def load_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
     """
     cfg = model_config_of(path, dtype=dtype, param_dtype=param_dtype)
     if is_run_dir(path):
-        return assemble_model(cfg, lambda params: restore_params(path, params, _shardings(params, mesh, rules), step))
+        lora = run_lora(path)
+        model = assemble_model(cfg, lambda params: restore_params(path, params, _shardings(params, mesh, rules), step),
+                               lora)
+        if lora:
+            merge_lora(model)
+        return model
     if step is not None:
         raise ValueError(f"step={step} applies to run directories only; {path} is a Hugging Face checkpoint")
     tensors = CheckpointTensors(path)  # shard headers are read once, here

@@ -86,14 +86,18 @@ def _read_records(path: str) -> list:
             if not isinstance(records, list):
                 raise ValueError(f"{path}: a .json conversation file must hold a list of records")
             return records
-        records = []
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-        return records
+        return [record for _, record in json_lines(f, path)]
+
+
+def json_lines(lines, path: str):
+    """(line number, parsed record) of each non-blank line of a JSONL file; a line that is not
+    JSON is a ``ValueError`` naming ``path:line``."""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
 
 
 def _as_list(value) -> list:

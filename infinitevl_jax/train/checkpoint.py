@@ -6,7 +6,9 @@
       checkpoints/<step>/  one Orbax checkpoint per saved step, items:
                              params     the ``nnx.Param`` state as a nested dict
                              meta       JSON (step, where the weights came from, ...)
-                           and, from the trainer, the optimiser state and data iterator state
+                           and, from the trainer (``save_train_state``):
+                             opt_state  the optax state (Adam moments of the trainable params)
+                             data       the grain iterator state, one JSON file per host
       source_config.json   the Hugging Face ``config.json`` the weights were imported from
                            (kept so export can restore the fields we do not model)
       tokenizer.json ...   the model's tokenizer / processor files, when it has them
@@ -30,7 +32,7 @@ from flax import nnx
 RUN_CONFIG = "run_config.json"
 SOURCE_CONFIG = "source_config.json"
 CHECKPOINTS = "checkpoints"
-PARAMS, META = "params", "meta"
+PARAMS, META, OPT_STATE, DATA = "params", "meta", "opt_state", "data"
 
 
 def is_run_dir(path: str) -> bool:
@@ -115,3 +117,42 @@ def restore_params(run_dir: str, params: nnx.State, shardings: nnx.State, step: 
         manager.close()
     nnx.replace_by_pure_dict(params, restored[PARAMS])
     return params
+
+
+def _with_shardings(tree, shardings):
+    """Abstract arrays (``ShapeDtypeStruct`` with ``sharding``) for an Orbax restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, params: nnx.State, opt_state, iterator,
+                     meta: Mapping[str, Any]) -> None:
+    """Saves params, optimiser state, the data iterator's state and ``meta`` as ``step``.
+    Asynchronous when the manager is: device arrays are copied to the host before this returns,
+    the files are written in the background (``manager.wait_until_finished()`` waits)."""
+    import grain  # the training data's library; loading weights for inference does not need it
+
+    manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        OPT_STATE: ocp.args.StandardSave(opt_state),
+        DATA: grain.checkpoint.CheckpointSave(iterator),
+        META: ocp.args.JsonSave({"step": step, **meta})}), force=True)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, params: nnx.State, opt_state, shardings,
+                        iterator) -> tuple[nnx.State, Any, dict]:
+    """The params and optimiser state of ``step`` placed in ``shardings`` (a ``TrainState`` of
+    shardings: restoring onto another mesh reshards), the iterator moved to its saved position,
+    and the saved meta. ``params`` / ``opt_state``: abstract or concrete trees of the run's layout."""
+    target_params = _with_shardings(nnx.to_pure_dict(params), nnx.to_pure_dict(shardings.params))
+    target_opt = _with_shardings(opt_state, shardings.opt_state)
+    import grain  # see save_train_state
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(target_params), OPT_STATE: ocp.args.StandardRestore(target_opt),
+            DATA: grain.checkpoint.CheckpointRestore(iterator), META: ocp.args.JsonRestore()}))
+    except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints
+        raise ValueError(f"cannot resume from step {step} of {manager.directory} (a corrupt checkpoint, or a "
+                         f"config whose model or stage does not match it): {e}") from e
+    params = jax.tree.map(lambda v: v, params)  # a copy: the caller's tree is left as it was
+    nnx.replace_by_pure_dict(params, restored[PARAMS])
+    return params, restored[OPT_STATE], dict(restored[META])

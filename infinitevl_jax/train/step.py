@@ -214,7 +214,7 @@ class Trainer:
         self.teacher_graphdef, self.teacher_params = (None, None) if teacher is None else nnx.split(teacher, nnx.Param)
         self.state_shardings = self.teacher_shardings = None
         if mesh is not None:
-            abstract = jax.eval_shape(self._fresh_state, params)
+            abstract = self.abstract_state(params)
             param_sh = param_shardings(params, mesh, rules)
             self.state_shardings = TrainState(NamedSharding(mesh, PartitionSpec()), param_sh,
                                               _opt_state_shardings(abstract.opt_state, params, param_sh, mesh))
@@ -231,6 +231,10 @@ class Trainer:
 
     def _fresh_state(self, params) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+
+    def abstract_state(self, params: nnx.State) -> TrainState:
+        """The step-0 state's shapes and dtypes for ``params`` (an Orbax restore target)."""
+        return jax.eval_shape(self._fresh_state, params)
 
     def init(self, model: nnx.Module) -> TrainState:
         """Step-0 state of ``model``'s parameters (placed in their shardings on the mesh)."""

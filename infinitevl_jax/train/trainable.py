@@ -7,9 +7,12 @@ A stage names groups; a parameter is trainable when any group matches its path:
     attention_mixers  the mixers of softmax layers (sliding or full): q/k/v/o with biases
     mlps              the decoder layers' SwiGLU MLPs
     lora              LoRA adapters (``train.lora``), and nothing else
+    all               every parameter but LoRA adapters (pre-training from scratch, e.g. the
+                      quickstart's teacher)
 
-Everything else (embeddings, norms, head, ViT, merger) is frozen. The original's distillation
-trains exactly the GDN mixers; its SFT the GDN mixers plus the SWA q/k/v/o.
+Everything the groups do not match (embeddings, norms, head, ViT, merger for the first four) is
+frozen. The original's distillation trains exactly the GDN mixers; its SFT the GDN mixers plus
+the SWA q/k/v/o.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def _matches(group: str, path: tuple, block_pattern: tuple) -> bool:
         return part == "mlp" and path[-1] not in LORA_NAMES
     if group == "lora":
         return path[-1] in LORA_NAMES
-    raise ValueError(f"unknown trainable group {group!r}; groups: gdn_mixers, attention_mixers, mlps, lora")
+    if group == "all":
+        return path[-1] not in LORA_NAMES
+    raise ValueError(f"unknown trainable group {group!r}; groups: gdn_mixers, attention_mixers, mlps, lora, all")
 
 
 def trainable_mask(params: nnx.State, block_pattern: Sequence[str], groups: Sequence[str]) -> nnx.State:
@@ -73,16 +78,20 @@ def trainable_mask(params: nnx.State, block_pattern: Sequence[str], groups: Sequ
         lambda p, _: any(_matches(g, param_path(p), block_pattern) for g in groups), params)
 
 
+def count_trainable(params: nnx.State, mask: nnx.State) -> tuple[int, int]:
+    """(trainable, total) parameter counts of ``params`` under ``mask``."""
+    sizes = [int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params)]
+    flags = jax.tree_util.tree_leaves(mask)
+    if len(sizes) != len(flags):
+        raise ValueError(f"the trainable mask has {len(flags)} leaves for {len(sizes)} parameters")
+    return sum(s for s, on in zip(sizes, flags) if on), sum(sizes)
+
+
 def describe_trainable(params: nnx.State, mask: nnx.State) -> str:
     """A listing for the log: each trainable parameter with its shape and size, then the totals."""
-    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat_mask = jax.tree_util.tree_leaves(mask)
-    lines, trainable, total = [], 0, 0
-    for (path, value), on in zip(flat_params, flat_mask):
-        size = int(np.prod(np.shape(value)))
-        total += size
-        if on:
-            trainable += size
-            lines.append(f"  {'.'.join(map(str, param_path(path)))} {tuple(np.shape(value))} {size:,}")
+    trainable, total = count_trainable(params, mask)
+    lines = [f"  {'.'.join(map(str, param_path(path)))} {tuple(np.shape(value))} {int(np.prod(np.shape(value))):,}"
+             for (path, value), on in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                          jax.tree_util.tree_leaves(mask)) if on]
     head = f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
     return "\n".join([head, *lines])

@@ -18,7 +18,6 @@ them for TPU through ``jax.export`` (the Mosaic lowering runs without a TPU).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 from jax.experimental import pallas as pl
