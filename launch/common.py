@@ -74,8 +74,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                        help="config preset name (e.g. infinitevl_4b) or path to a config .py file, "
                             "as seen from the workers")
     group.add_argument("--run-dir", required=required, metavar="RUN_DIR",
-                       help="run directory (config, metrics, checkpoints); a gs://bucket/path on TPU "
-                            "pods, a shared filesystem path on GPU clusters")
+                       help="run directory (config, metrics, checkpoints): a path every host shares (a bucket "
+                            "mounted with gcsfuse at the same path on every TPU worker, NFS on GPU clusters)")
     group.add_argument("--train-executable", default="infinitevl", metavar="CMD",
                        help="the command that provides `train` on the workers (default: %(default)s)")
 

@@ -15,7 +15,7 @@ shell); the trainer saves a checkpoint and exits. The script also asks SLURM for
 
 Example:
   python launch/gpu_slurm.py --nodes 4 --gpus-per-node 8 --partition gpu --time 48:00:00 \\
-      --setup 'source ~/venvs/ivl/bin/activate' --config infinitevl_4b --run-dir /shared/runs/stage1
+      --setup 'source ~/venvs/ivl/bin/activate' --config distill_layerwise --run-dir /shared/runs/stage1
 """
 
 from __future__ import annotations

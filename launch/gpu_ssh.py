@@ -10,11 +10,11 @@ saves a checkpoint and exits) and waits for them; a second Ctrl-C closes the ssh
 `--stop` only sends that SIGTERM (for trainers whose launcher is gone).
 
 Every host needs the package installed (`pip install -e '.[gpu]'`), the same config file and a
-shared --run-dir (NFS, or gs:// with credentials); --workdir and --setup say where and how.
+shared --run-dir (NFS, or a bucket mounted with gcsfuse on every host); --workdir and --setup say where and how.
 
 Example:
   python launch/gpu_ssh.py --hosts gpu-a,gpu-b --workdir /shared/infinitevl_jax \\
-      --setup 'source .venv/bin/activate' --config infinitevl_4b --run-dir /shared/runs/stage1
+      --setup 'source .venv/bin/activate' --config distill_layerwise --run-dir /shared/runs/stage1
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ MEGASCALE_* environment on every worker, and `jax.distributed.initialize()` read
 
 Example:
   python launch/tpu_pod.py launch --name ivl-v5e --zone us-west4-a --accelerator-type v5litepod-16 \\
-      --config infinitevl_4b --run-dir gs://my-bucket/runs/stage1 --config.train.learning_rate=1e-4
+      --config distill_layerwise --run-dir /gcs/my-bucket/runs/stage1 --config.train.optim.learning_rate=1e-4
 """
 
 from __future__ import annotations
@@ -302,9 +302,13 @@ def down(runner: Runner, tpu: Slice) -> int:
 
 def check_run_args(args: argparse.Namespace, spec: common.TrainSpec) -> None:
     """Errors for a run that cannot work, raised before anything is created."""
-    if not spec.run_dir.startswith("gs://") and not args.allow_local_run_dir:
-        raise LaunchError(f"--run-dir {spec.run_dir!r} is not a gs:// path: every worker must write to the "
-                          "same place (use a bucket in the slice's region, or --allow-local-run-dir)")
+    if "://" in spec.run_dir:
+        raise LaunchError(f"--run-dir {spec.run_dir!r} is a URL: the trainer writes to a file system; mount the "
+                          "bucket on every worker (gcsfuse, see launch/README.md) and pass the mounted path")
+    if not spec.run_dir.startswith("/") and not args.allow_local_run_dir:
+        raise LaunchError(f"--run-dir {spec.run_dir!r} is not an absolute path: every worker must write to the "
+                          "same place (a bucket mounted at the same path on every worker, or an NFS mount), "
+                          "or pass --allow-local-run-dir")
     common.parse_env(args.env)
 
 
@@ -378,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--network", help="VPC network (default: gcloud's default network)")
     c.add_argument("--subnetwork", help="VPC subnetwork")
     c.add_argument("--service-account", metavar="EMAIL",
-                   help="service account of the workers (needs write access to the gs:// run dir)")
+                   help="service account of the workers (needs write access to the run dir's bucket)")
     c.add_argument("--labels", metavar="K=V,...", help="resource labels, e.g. team=vl,run=stage1")
     c.add_argument("--internal-ips", action="store_true", help="create the workers without external IPs")
     c.add_argument("--wait-timeout", type=float, default=0.0, metavar="SECONDS",
@@ -413,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--delete-on-exit", action="store_true",
                    help="delete the slice when training ends, fails or is stopped")
     t.add_argument("--allow-local-run-dir", action="store_true",
-                   help="accept a --run-dir that is not gs:// (e.g. a shared NFS mount on every worker)")
+                   help="accept a relative --run-dir (each worker then writes its own copy: testing only)")
 
     parser = argparse.ArgumentParser(
         prog="tpu_pod.py", description=__doc__, allow_abbrev=False,

@@ -65,8 +65,8 @@ def exec_argv(script):
     return shlex.split(steps[-1])[1:]
 
 
-OVERRIDES = ["--config.train.learning_rate=1e-4", "--config.data.prompt=hello world"]
-TRAIN = ["--config", "infinitevl_4b", "--run-dir", "gs://bucket/runs/stage1", *OVERRIDES]
+OVERRIDES = ["--config.train.learning_rate=1e-4", "--config.data.system_prompt=hello world"]
+TRAIN = ["--config", "infinitevl_4b", "--run-dir", "/gcs/bucket/runs/stage1", *OVERRIDES]
 
 
 # --------------------------------------------------------------------------- TPU
@@ -93,7 +93,7 @@ def test_tpu_launch_plain_slice(capsys):
     assert script.split(" && ")[:3] == ["cd infinitevl_jax", 'export PATH="$HOME/.local/bin:$PATH"',
                                         "echo $$ > .infinitevl_train.pid"]
     assert exec_argv(script) == ["infinitevl", "train", "--config", "infinitevl_4b", "--run-dir",
-                                 "gs://bucket/runs/stage1", "--distributed", *OVERRIDES]
+                                 "/gcs/bucket/runs/stage1", "--distributed", *OVERRIDES]
     assert "kill -TERM" in remote(cmds[5]) and "infinitevl_jax/.infinitevl_train.pid" in remote(cmds[5])
     assert cmds[5][:9] == [*gc, "ssh", "ivl", *scope, "--worker=all"]
     assert cmds[6] == [*gc, "delete", "ivl", *scope, "--quiet"]
@@ -173,9 +173,10 @@ def test_tpu_argparse_errors(argv, message, capsys):
     (["up", "--zone", "us-central2-b", "--accelerator-type", "v9-8"], "pass --runtime-version"),
     (["up", "--zone", "central", "--accelerator-type", "v4-8"], "does not look like a zone"),
     (["down", "--zone", "us-central2-b", "--node-prefix", "p"], "--num-slices >= 2"),
-    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "/local/dir"], "not a gs:// path"),
-    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "gs://b/r", "--zon=x"], "'--zon=x'"),
-    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "gs://b/r", "--env", "1X=2"], "KEY=VALUE"),
+    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "local/dir"], "not an absolute path"),
+    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "gs://b/r"], "is a URL"),
+    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "/gcs/b/r", "--zon=x"], "'--zon=x'"),
+    (["run", "--zone", "us-central2-b", "--config", "c", "--run-dir", "/gcs/b/r", "--env", "1X=2"], "KEY=VALUE"),
     (["install", "--zone", "us-central2-b", "--ref", "main"], "--ref needs --repo"),
     (["install", "--zone", "us-central2-b", "--remote-dir", "../x"], "below the home directory"),
 ])
@@ -464,7 +465,7 @@ def test_ctrl_c_forwards_sigterm_on_tpu(tmp_path, monkeypatch):
     (tmp_path / "remote" / "worker0" / "infinitevl_jax").mkdir(parents=True)
     code, out = _interrupt_launcher(
         tmp_path, [str(LAUNCH / "tpu_pod.py"), "run", "--name", "ivl", "--zone", "us-central2-b",
-                   "--train-executable", trainer, "--config", "c", "--run-dir", "gs://b/r"],
+                   "--train-executable", trainer, "--config", "c", "--run-dir", "/gcs/b/r"],
         {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert code == 0, out
     assert "SIGTERM: saving checkpoint" in out and "saved" in out and "sent SIGTERM to trainer" in out

@@ -205,6 +205,8 @@ def test_bad_run_settings_are_clear_errors(tmp_path, conversations):
     config.run.num_steps = STEPS + 1
     with pytest.raises(ValueError, match="run.num_steps"):
         train(config, str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="mount it on every host"):
+        train(load_config(config_file(tmp_path, conversations)), "gs://bucket/run", progress=False)
     config = load_config(config_file(tmp_path, conversations))
     config.train.loss = "logit_kl"
     with pytest.raises(ValueError, match="teacher.checkpoint"):

@@ -51,7 +51,8 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", required=True,
                        help="config file (configs/quickstart.py, configs/sft.py, ...) or its preset name")
-    train.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>); may be gs://")
+    train.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>); on several hosts, a path they all share "
+                            "(NFS, or a bucket mounted with gcsfuse)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (log files, CI)")
     dist = train.add_argument_group("multi-host")
     dist.add_argument("--distributed", action="store_true",

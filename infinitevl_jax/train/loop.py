@@ -184,6 +184,9 @@ def train(config: ml_collections.ConfigDict, run_dir: str, *, progress: bool = T
     steps = num_steps(config)
     if config.run.save_every < 1:
         raise ValueError(f"run.save_every must be >= 1; got {config.run.save_every}")
+    if "://" in run_dir:
+        raise ValueError(f"run directory {run_dir!r}: the trainer writes run directories on a file system; "
+                         "for a bucket, mount it on every host (e.g. gcsfuse) and pass the mounted path")
     mesh = make_mesh(**config.mesh)
     os.makedirs(run_dir, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
