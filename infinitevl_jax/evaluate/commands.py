@@ -15,27 +15,9 @@ generated images (default 100).
 from __future__ import annotations
 
 import os
-import tempfile
 
 from infinitevl_jax.config import list_presets
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so readers see the old file or the complete new one, never a partial write."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            os.unlink(tmp)
+from infinitevl_jax.train.checkpoint import write_text_atomic
 
 
 def cmd_eval(args, overrides) -> int:
@@ -62,7 +44,7 @@ def cmd_eval(args, overrides) -> int:
                    "subset_seed": None if args.no_shuffle else args.subset_seed, "batch_size": args.batch_size,
                    "max_new_tokens": args.max_new_tokens, "tokenizer": args.tokenizer}
     print(report.summary())
-    write_atomic(args.out, report.to_json())
+    write_text_atomic(args.out, report.to_json())
     print(f"report written to {args.out}")
     return 0
 

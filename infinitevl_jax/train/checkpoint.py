@@ -39,17 +39,26 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, RUN_CONFIG))
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Writes JSON to a temporary file in the same folder, then renames it over ``path``."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder (created if
+    missing), synced, then renamed over ``path``: readers see the old file or the complete new one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """``data`` as indented JSON with sorted keys, written by ``write_text_atomic``."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def write_run_config(run_dir: str, config: Mapping[str, Any]) -> None:
