@@ -1,11 +1,17 @@
-"""Shared benchmark plumbing: wall-clock medians of jitted calls, a printed table, JSON output."""
+"""Shared benchmark plumbing: wall-clock medians of jitted calls, a printed table, JSON output, and
+one worker process per model (its own device-memory peak)."""
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -48,3 +54,72 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def run_worker_process(module: str, kind: str, worker_args: list[str]) -> dict:
+    """Runs ``python -m module --worker kind --worker-out FILE *worker_args`` in a fresh process
+    (its own memory peak, no leftovers; the device may use 95% of its memory unless
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise) and returns the JSON it wrote, with
+    ``process_s`` (the process's wall time) added. A failing worker raises."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, f"{kind}.json")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", module, "--worker", kind, "--worker-out", out, *worker_args],
+                       check=True, env=env)
+        with open(out) as f:
+            result = json.load(f)
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def model_worker_args(parser, argv, models, smoke_settings: dict):
+    """Parses the command line of a benchmark that runs one process per model (``--worker KIND
+    --worker-out FILE`` are added here, hidden); ``--smoke`` applies ``smoke_settings``."""
+    parser.add_argument("--worker", choices=list(models), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in smoke_settings.items():
+            setattr(args, name, value)
+    return args
+
+
+def run_if_worker(args, worker) -> bool:
+    """In ``--worker`` mode: runs ``worker(args)``, writes its JSON to ``--worker-out``, returns True."""
+    if not args.worker:
+        return False
+    result = worker(args)
+    with open(args.worker_out, "w") as f:
+        json.dump(result, f)
+    return True
+
+
+def require_gpu(smoke: bool) -> None:
+    """Exits with a clear message unless on a GPU (or in ``--smoke`` mode)."""
+    if not smoke and jax.default_backend() != "gpu":
+        raise SystemExit(f"error: this benchmark needs a GPU (backend is {jax.default_backend()!r}); "
+                         "use --smoke for a CPU run of the tiny presets")
+
+
+def is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def rows_until_oom(kind: str, contexts, measure) -> list[dict]:
+    """``dict(model=kind, **measure(context))`` per context in order (progress on stderr); out of
+    memory is recorded as a row and ends the list; any other error re-raises."""
+    rows = []
+    for context in contexts:
+        print(f"[{kind}] context {context} ...", file=sys.stderr, flush=True)
+        try:
+            rows.append(dict(model=kind, **measure(context)))
+        except Exception as error:  # noqa: BLE001 -- only out-of-memory is expected; anything else re-raises
+            if not is_oom(error):
+                raise
+            rows.append(dict(model=kind, context=context, oom=True, error=str(error).splitlines()[0][:300]))
+            gc.collect()
+            break
+        print(f"[{kind}] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows

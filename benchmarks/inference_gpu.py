@@ -34,15 +34,13 @@ prefill + decode at 64K at least 3.6x faster than the teacher; streaming at leas
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.common import model_worker_args, rows_until_oom, run_if_worker
 
 SMOKE = dict(contexts=[64, 256], chunk=64, decode_tokens=4, frames=4, frame_size=112)
 MODELS = {"hybrid": "infinitevl_4b", "teacher": "qwen2_5_vl_3b"}
@@ -54,6 +52,12 @@ DECODE_WARMUP = 4
 
 def _build(kind: str, smoke: bool, with_vision: bool):
     """The model (VLM for the hybrid's streaming, decoder only otherwise) with bf16 parameters."""
+    preset, overrides = SMOKE_MODELS[kind] if smoke else (MODELS[kind], [])
+    return build_model(preset, overrides, with_vision)
+
+
+def build_model(preset: str, overrides: list[str], with_vision: bool = False):
+    """``preset`` (with ``--config.`` overrides) as a VLM, or its decoder only, with bf16 parameters and compute."""
     from flax import nnx
 
     from infinitevl_jax.config import load_config
@@ -61,16 +65,10 @@ def _build(kind: str, smoke: bool, with_vision: bool):
     from infinitevl_jax.models.config import VisionLanguageConfig
     from infinitevl_jax.models.vlm import VisionLanguageModel
 
-    preset, overrides = SMOKE_MODELS[kind] if smoke else (MODELS[kind], [])
     cfg = VisionLanguageConfig.from_config(load_config(preset, overrides)).with_dtypes("bfloat16", "bfloat16")
     if with_vision:
         return VisionLanguageModel(cfg, rngs=nnx.Rngs(0))
     return Decoder(cfg.decoder, rngs=nnx.Rngs(0))
-
-
-def _is_oom(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def _peak_bytes() -> int | None:
@@ -172,20 +170,14 @@ def worker(args) -> dict:
     jax.block_until_ready(nnx.state(decoder))
     build_s = time.perf_counter() - start
     engine = DecoderEngine(decoder, chunk_size=args.chunk)  # hybrid: one cache shape, one set of programs
-    rows = []
-    for context in args.contexts:
-        print(f"[{kind}] context {context} ...", file=sys.stderr, flush=True)
+
+    def measure(context):
+        nonlocal engine
         if kind == "teacher":  # the whole prompt in one call; its cache (and programs) grow with the context
             engine = DecoderEngine(decoder, chunk_size=context)
-        try:
-            rows.append(dict(model=kind, **measure_context(engine, context, args.decode_tokens)))
-        except Exception as error:  # noqa: BLE001 -- only out-of-memory is expected; anything else re-raises
-            if not _is_oom(error):
-                raise
-            rows.append(dict(model=kind, context=context, oom=True, error=str(error).splitlines()[0][:300]))
-            gc.collect()
-            break
-        print(f"[{kind}] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        return measure_context(engine, context, args.decode_tokens)
+
+    rows = rows_until_oom(kind, args.contexts, measure)
     result = dict(model=kind, build_s=build_s, rows=rows, last_engine_compiles=engine.compile_counts())
     if streaming:
         result["streaming"] = measure_streaming(model, args.frames, args.frame_size)
@@ -234,40 +226,21 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=64, help="streamed frames (0: skip streaming)")
     parser.add_argument("--frame-size", type=int, default=448)
     parser.add_argument("--smoke", action="store_true", help="tiny presets and sizes; runs on the CPU")
-    parser.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
-    if args.worker:
-        result = worker(args)
-        with open(args.worker_out, "w") as f:
-            json.dump(result, f)
+    args = model_worker_args(parser, argv, MODELS, SMOKE)
+    if run_if_worker(args, worker):
         return
 
-    from benchmarks.common import device_description, print_table, write_json
-    import jax
+    from benchmarks.common import device_description, print_table, require_gpu, run_worker_process, write_json
 
-    if not args.smoke and jax.default_backend() != "gpu":
-        raise SystemExit(f"error: this benchmark needs a GPU (backend is {jax.default_backend()!r}); "
-                         "use --smoke for a CPU run of the tiny presets")
+    require_gpu(args.smoke)
     device = device_description()
     print(f"device: {device}")
     results = {}
-    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")}
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in MODELS:  # a fresh process per model: its own memory peak, no leftovers
-            out = os.path.join(tmp, f"{kind}.json")
-            command = [sys.executable, "-m", "benchmarks.inference_gpu", "--worker", kind, "--worker-out", out,
-                       "--contexts", *map(str, args.contexts), "--chunk", str(args.chunk),
-                       "--decode-tokens", str(args.decode_tokens), "--frames", str(args.frames),
-                       "--frame-size", str(args.frame_size)] + (["--smoke"] if args.smoke else [])
-            start = time.perf_counter()
-            subprocess.run(command, check=True, env=env)
-            with open(out) as f:
-                results[kind] = json.load(f)
-            results[kind]["process_s"] = time.perf_counter() - start
+    for kind in MODELS:  # a fresh process per model: its own memory peak, no leftovers
+        results[kind] = run_worker_process("benchmarks.inference_gpu", kind, [
+            "--contexts", *map(str, args.contexts), "--chunk", str(args.chunk),
+            "--decode-tokens", str(args.decode_tokens), "--frames", str(args.frames),
+            "--frame-size", str(args.frame_size)] + (["--smoke"] if args.smoke else []))
     rows = [r for kind in MODELS for r in results[kind]["rows"]]
     columns = ["model", "context", "prefill_s", "decode_ms_per_token", "e2e_s", "cache_bytes", "peak_bytes_so_far",
                "first_call_s"]

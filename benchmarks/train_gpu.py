@@ -165,17 +165,12 @@ def _peak_bytes(devices) -> list[int | None]:
     return out
 
 
-def _is_oom(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
 def run(args) -> dict:
     """Builds, compiles, times; returns the JSON payload (``oom`` set if memory ran out)."""
     import jax
     from flax import nnx
 
-    from benchmarks.common import device_description
+    from benchmarks.common import device_description, is_oom
     from infinitevl_jax.convert.pretrained import random_model
     from infinitevl_jax.train import flops
     from infinitevl_jax.train.sharding import make_mesh
@@ -243,7 +238,7 @@ def run(args) -> dict:
             _log(f"step {i + 1}/{args.warmup + args.steps}{'' if timed else ' (warm-up)'}: "
                  f"{elapsed * 1e3:.1f} ms, loss {loss:.4f}")
     except Exception as error:  # noqa: BLE001 -- only out-of-memory is reported, anything else re-raises
-        if not _is_oom(error):
+        if not is_oom(error):
             raise
         payload.update(oom=True, error=str(error).splitlines()[0][:500], losses=losses,
                        peak_bytes_per_device=_peak_bytes(devices))

@@ -38,7 +38,8 @@ def _model_config(args, overrides) -> VisionLanguageConfig:
 
 
 def _describe(cfg: DecoderConfig) -> str:
-    short = {"sliding_attention": f"SWA(w={cfg.sliding_window})", "full_attention": "ATTN", "linear_attention": "GDN"}
+    short = {"sliding_attention": f"SWA(w={cfg.sliding_window})", "full_attention": "ATTN", "linear_attention": "GDN",
+             "mmate": "M-MATE", "mmate_shifted": "M-MATE(shifted)"}
     pattern = ", ".join(short[t] for t in cfg.block_pattern)
     return f"{cfg.num_layers} layers = {cfg.num_blocks} x [{pattern}], width {cfg.hidden_size}"
 

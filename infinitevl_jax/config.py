@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import os
 
 import ml_collections
@@ -62,9 +63,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """A preset name from ``configs/`` (e.g. ``"tiny"``) or a path to a config ``.py`` file."""
+def load_config(name_or_path: str, overrides: list[str] | None = None, arg: str | None = None
+                ) -> ml_collections.ConfigDict:
+    """A preset name from ``configs/`` (e.g. ``"tiny"``) or a path to a config ``.py`` file;
+    ``arg`` is passed to its ``get_config(arg)`` (e.g. the quickstart's architecture)."""
     module = _load_module(name_or_path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config {name_or_path!r} defines no get_config()")
-    return apply_overrides(module.get_config(), overrides or [])
+    if arg is None:
+        return apply_overrides(module.get_config(), overrides or [])
+    if not inspect.signature(module.get_config).parameters:
+        raise ValueError(f"config {name_or_path!r} takes no argument (given {arg!r}): its get_config() has none")
+    return apply_overrides(module.get_config(arg), overrides or [])

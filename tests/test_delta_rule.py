@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 
 from infinitevl_jax.ops.delta_rule import IMPLS, gated_delta_rule
+from tests import scan_checks
+from tests.scan_checks import segment_ids_from_resets
 from tests.reference.delta_rule import gated_delta_rule_ref
 
 IMPL_NAMES = sorted(IMPLS)
@@ -69,27 +71,8 @@ def make_inputs(seq_len, seed, *, g_range=(-0.5, -0.01)):
     return tuple(x.astype(np.float32) for x in (q, k, v, g, beta, initial_state))
 
 
-def segment_ids_from_resets(seq_len, resets_per_row, ids_per_row=None):
-    """``[B, T]`` int32 ids that change exactly at the given token positions of each row."""
-    ids = np.zeros((len(resets_per_row), seq_len), np.int32)
-    for row, resets in enumerate(resets_per_row):
-        values = ids_per_row[row] if ids_per_row else range(1, len(resets) + 1)
-        for position, value in zip(resets, values):
-            ids[row, position:] = value
-    return ids
-
-
-def rel_max_err(x, ref):
-    return float(np.max(np.abs(np.asarray(x, np.float64) - ref)) / np.max(np.abs(ref)))
-
-
-def assert_matches_ref(o, state, ref_o, ref_state, tol=FWD_TOL):
-    assert np.all(np.isfinite(o)), "non-finite outputs"
-    assert np.all(np.isfinite(state)), "non-finite final state"
-    assert o.shape == ref_o.shape and state.shape == ref_state.shape
-    err_o, err_s = rel_max_err(o, ref_o), rel_max_err(state, ref_state)
-    assert err_o <= tol, f"outputs: relative max error {err_o:.3g} > {tol}"
-    assert err_s <= tol, f"final state: relative max error {err_s:.3g} > {tol}"
+def assert_matches_ref(out, state, ref_out, ref_state, tol=FWD_TOL):
+    scan_checks.assert_matches_ref(out, state, ref_out, ref_state, tol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,20 +331,8 @@ def test_gradient_matches_finite_differences(impl, seq_len, decay, wrt):
         assert np.all(np.isfinite(grad)), f"non-finite gradient wrt {name}"
 
     picked = range(6) if wrt == "all" else [GRAD_ARGS.index(wrt)]
-    dirs = [directions[i] if i in picked else np.zeros_like(directions[i]) for i in range(6)]
-    args64 = [x.astype(np.float64) for x in args]
-    plus = [x + FD_EPS * d for x, d in zip(args64, dirs)]
-    minus = [x - FD_EPS * d for x, d in zip(args64, dirs)]
-    fd = (_ref_loss(plus, ids, w_o, w_s) - _ref_loss(minus, ids, w_o, w_s)) / (2 * FD_EPS)
-
-    jax_dd = sum(float(np.sum(grads[i] * dirs[i])) for i in picked)
-    # Scale: |fd|, or the size of the sum's terms when they happen to cancel (for a random
-    # direction both are ~|grad|_2; a wrong gradient makes the difference as large as either).
-    terms = np.sqrt(sum(float(np.sum((grads[i] * dirs[i]) ** 2)) for i in picked))
-    denom = max(abs(fd), terms)
-    assert denom > 0
-    assert abs(jax_dd - fd) <= GRAD_TOL * denom, (
-        f"d/d{wrt}: jax {jax_dd:.8g} vs finite differences {fd:.8g} (rel {abs(jax_dd - fd) / denom:.3g})")
+    scan_checks.assert_directional_derivative(grads, directions, args, picked, lambda a: _ref_loss(a, ids, w_o, w_s), eps=FD_EPS, tol=GRAD_TOL,
+                                              what=f"d/d{wrt}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,10 +354,7 @@ def test_bf16_inputs(impl):
         *rounded, g, np.asarray(beta16.astype(jnp.float32), np.float64), initial_state=s0, segment_ids=ids)
     o = np.asarray(o.astype(jnp.float32), np.float64)
     state = np.asarray(state, np.float64)
-    assert np.all(np.isfinite(o)) and np.all(np.isfinite(state))
-    for name, x, ref in (("o", o, ref_o), ("final_state", state, ref_state)):
-        rel_rms = np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2))
-        assert rel_rms <= BF16_TOL, f"{name}: relative RMS error {rel_rms:.3g} > {BF16_TOL}"
+    scan_checks.assert_rel_rms((("o", o, ref_o), ("final_state", state, ref_state)), BF16_TOL)
 
 
 # --------------------------------------------------------------------------------------------

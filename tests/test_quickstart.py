@@ -1,5 +1,6 @@
 """The quickstart main job (``infinitevl train --config configs/quickstart.py``): a teacher and the
-four student stages, each evaluated on easy-VQA.
+four student stages, each evaluated on easy-VQA; with ``--arch linmu``, the teacher and LinMU's
+three stages.
 
 CI runs a shortened curriculum through the real command (every stage, its checkpoint links,
 evaluation, the results table and the resume-skips-finished-stages path). The full-length run,
@@ -21,12 +22,13 @@ from infinitevl_jax.train.curriculum import RESULTS_FILE, resolve_references
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "quickstart.py")
 STAGES = ("teacher", "distill_layerwise", "distill_e2e", "sft", "long_sft")
+LINMU_STAGES = ("teacher", "linmu_flex_ma", "linmu_local_swin", "linmu_lora")
 
 
-def short_overrides(steps: int) -> list[str]:
+def short_overrides(steps: int, stages=STAGES) -> list[str]:
     """Command-line overrides that shorten every stage and the evaluation."""
     overrides = ["--config.eval.limit=12", "--config.eval.batch_size=12"]
-    for stage in STAGES:
+    for stage in stages:
         prefix = f"--config.stages.{stage}"
         overrides += [f"{prefix}.train.optim.total_steps={steps}", f"{prefix}.run.save_every={steps}",
                       f"{prefix}.data.batch_size=8", f"{prefix}.data.seq_len=128", f"{prefix}.data.max_patches=64"]
@@ -76,13 +78,47 @@ def test_short_quickstart_runs_every_stage_and_prints_the_table(tmp_path, capsys
         assert json.load(f)["stages"] == results
 
 
-@pytest.mark.slow
-def test_full_quickstart_student_keeps_90_percent_of_the_teacher_accuracy(tmp_path):
+def test_linmu_quickstart_links_its_stages_and_runs_them(tmp_path, capsys):
+    config = load_config(QUICKSTART, arg="linmu")
+    assert tuple(config.order) == LINMU_STAGES
+    flex_ma = resolve_references(config.stages.linmu_flex_ma, str(tmp_path), ["teacher"])
+    assert flex_ma.init.student.enabled and flex_ma.init.student.arch == "linmu"
+    assert flex_ma.init.checkpoint == str(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="unknown quickstart architecture"):
+        load_config(QUICKSTART, arg="mamba")
+    with pytest.raises(ValueError, match="takes no argument"):
+        load_config("tiny", arg="linmu")
+
+    run_dir = str(tmp_path / "quickstart-linmu")
+    argv = ["train", "--config", QUICKSTART, "--arch", "linmu", "--run-dir", run_dir, "--no-progress",
+            *short_overrides(3, LINMU_STAGES)]
+    assert main(argv) == 0
+    with open(os.path.join(run_dir, RESULTS_FILE)) as f:
+        results = json.load(f)["stages"]
+    assert sorted(results) == sorted(LINMU_STAGES) and all(results[n]["steps"] == 3 for n in LINMU_STAGES)
+    out = capsys.readouterr().out
+    assert "linmu_local_swin" in out and "hidden_kl" in out
+    student = load_pretrained(os.path.join(run_dir, "linmu_lora"))  # the MLP adapters merged
+    assert student.cfg.decoder.layer_types[:2] == ("mmate", "mmate_shifted")
+    assert student.cfg.decoder.mmate.window == (2, 2, 2)
+
+
+def _full_run(tmp_path, stages, arch=()):
     run_dir = str(tmp_path / "quickstart")
-    assert main(["train", "--config", QUICKSTART, "--run-dir", run_dir, "--no-progress"]) == 0
+    assert main(["train", "--config", QUICKSTART, *arch, "--run-dir", run_dir, "--no-progress"]) == 0
     with open(os.path.join(run_dir, RESULTS_FILE)) as f:
         results = json.load(f)["stages"]
     teacher = results["teacher"]["eval"]["accuracy"]
     assert teacher > 0.5
-    for name in STAGES[1:]:
+    for name in stages[1:]:
         assert results[name]["eval"]["accuracy"] >= 0.9 * teacher, (name, results)
+
+
+@pytest.mark.slow
+def test_full_quickstart_student_keeps_90_percent_of_the_teacher_accuracy(tmp_path):
+    _full_run(tmp_path, STAGES)
+
+
+@pytest.mark.slow
+def test_full_linmu_quickstart_student_keeps_90_percent_of_the_teacher_accuracy(tmp_path):
+    _full_run(tmp_path, LINMU_STAGES, ("--arch", "linmu"))

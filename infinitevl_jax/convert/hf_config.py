@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from infinitevl_jax.models.config import (DecoderConfig, GatedDeltaNetConfig, MultimodalTokens, VisionConfig,
-                                          VisionLanguageConfig, hybrid_layer_types)
+from infinitevl_jax.models.config import (MMATE_TYPES, DecoderConfig, GatedDeltaNetConfig, MultimodalTokens,
+                                          VisionConfig, VisionLanguageConfig, hybrid_layer_types)
 
 _FAMILIES = ("qwen2_5_vl", "infinite_vl")
 
@@ -153,6 +153,9 @@ def config_to_hf(cfg: VisionLanguageConfig, base: Mapping[str, Any] | None = Non
     ``PASSTHROUGH_FIELDS``; every architecture field is ours.
     """
     dec = cfg.decoder
+    if set(dec.layer_types) & set(MMATE_TYPES):
+        raise NotImplementedError("LinMU (M-MATE) models have no published PyTorch checkpoint layout to export to; "
+                                  "keep their run directories (load_pretrained, `infinitevl eval --model DIR`)")
     full_only = set(dec.layer_types) == {"full_attention"}
     source = _text_fields(base or {})
     out = {k: source[k] for k in PASSTHROUGH_FIELDS if k in source}

@@ -87,10 +87,22 @@ _GATED_DELTANET = _mixer(
     + _norm("o_norm")
     + [(f"{x}_conv1d.weight", f"{x}_conv", DEPTHWISE_CONV) for x in "qkv"]
     + [("A_log", "A_log", COPY), ("dt_bias", "dt_bias", COPY)])
+# LinMU's M-MATE (no official checkpoint exists; these keys are ours, PyTorch-laid-out).
+_MMATE = _mixer(
+    [(f"flex_ma.{t}", f"flex_ma.{o}", lay) for t, o, lay in
+     _linear("x_proj", True) + _linear("B_proj", True) + _linear("C_proj", True)
+     + sum((_linear(n) for n in ("z_proj", "dt_proj", "dir_proj", "out_proj")), []) + _norm("o_norm")
+     + [(f"{x}_conv1d.weight", f"{x}_conv", DEPTHWISE_CONV) for x in "xBC"]
+     + [("A_log", "A_log", COPY), ("dt_bias", "dt_bias", COPY), ("D", "D", COPY)]]
+    + [(f"local_swin.{t}", f"local_swin.{o}", lay) for t, o, lay in
+       _linear("q_proj", True) + _linear("k_proj", True) + _linear("v_proj", True) + _linear("o_proj")]
+    + _linear("mix_proj", True))
 DECODER_LAYER_RULES = {
     "sliding_attention": _DECODER_COMMON + _ATTENTION,
     "full_attention": _DECODER_COMMON + _ATTENTION,
     "linear_attention": _DECODER_COMMON + _GATED_DELTANET,
+    "mmate": _DECODER_COMMON + _MMATE,
+    "mmate_shifted": _DECODER_COMMON + _MMATE,
 }
 VISION_BLOCK_RULES = (_norm("norm1") + _norm("norm2") + _linear("attn.qkv", True) + _linear("attn.proj", True)
                       + _linear("mlp.gate_proj", True) + _linear("mlp.up_proj", True)

@@ -4,10 +4,11 @@ The decoder is split once into its graph and parameters (``nnx.split``); the two
 functions are plain ``jax.jit`` functions of (parameters, cache, inputs), so a call costs no
 module-graph walk and each compiles once per input shape:
 
-- ``prefill``: feeds T tokens (ids or embeddings) in chunks of at most ``chunk_size``; the last,
-  shorter piece is right-padded to a power-of-two bucket (at least ``min_bucket``) and run with
-  ``valid_len`` (padding changes nothing in the cache). Distinct compiled shapes: ``chunk_size``
-  and the buckets below it, whatever T is. Returns each row's logits at token T - 1.
+- ``prefill``: feeds T tokens (ids or embeddings) in chunks of at most ``chunk_size`` (never
+  splitting a vision run); a shorter piece is right-padded to a power-of-two bucket (at least
+  ``min_bucket``) and run with ``valid_len`` (padding changes nothing in the cache). Distinct
+  compiled shapes: ``chunk_size`` and the buckets below it, whatever T is. Returns each row's
+  logits at token T - 1.
 - ``decode_step``: one token per row at mRoPE position ``count + rope_delta`` (text: the same on
   all three axes), then the next token sampled on the device; the cache buffer is donated, so
   the step updates it in place. Its shapes never change, so it compiles once per batch size and
@@ -34,23 +35,41 @@ from infinitevl_jax.infer.sampling import SamplingConfig, sample_tokens
 from infinitevl_jax.models.decoder import Decoder, DecoderCache
 
 
-def chunk_plan(seq_len: int, chunk_size: int, min_bucket: int = 16) -> list[tuple[int, int, int]]:
-    """``(start, length, padded_length)`` per piece: full chunks, then the rest padded to a bucket.
+def chunk_plan(seq_len: int, chunk_size: int, min_bucket: int = 16, no_cut=None) -> list[tuple[int, int, int]]:
+    """``(start, length, padded_length)`` per piece: pieces of ``chunk_size`` tokens, each shorter
+    one right-padded to the smallest power of two >= its length (at least ``min_bucket``, at
+    most ``chunk_size``).
 
-    The bucket is the smallest power of two >= the rest (at least ``min_bucket``), capped at
-    ``chunk_size``.
+    ``no_cut``: optional bool ``[seq_len]``, True where a piece must not start (a token that
+    continues a vision run, which M-MATE layers take whole); a piece then ends early, at the
+    run's start. Raises when a run is longer than ``chunk_size``.
     """
     if seq_len < 1:
         raise ValueError(f"nothing to prefill: {seq_len} tokens")
     if chunk_size < 1 or min_bucket < 1:
         raise ValueError(f"chunk_size and min_bucket must be >= 1; got {chunk_size}, {min_bucket}")
-    pieces = [(s, chunk_size, chunk_size) for s in range(0, seq_len - chunk_size + 1, chunk_size)]
-    done = len(pieces) * chunk_size
-    if done < seq_len:
-        rest = seq_len - done
-        bucket = max(min_bucket, 1 << (rest - 1).bit_length())
-        pieces.append((done, rest, min(bucket, chunk_size)))
+    pieces, start = [], 0
+    while start < seq_len:
+        end = min(start + chunk_size, seq_len)
+        if no_cut is not None:
+            while start < end < seq_len and no_cut[end]:
+                end -= 1
+            if end == start:
+                raise ValueError(f"a vision run from token {start} is longer than the prefill chunk_size "
+                                 f"({chunk_size}); raise chunk_size")
+        length = end - start
+        bucket = chunk_size if length == chunk_size else max(min_bucket, 1 << (length - 1).bit_length())
+        pieces.append((start, length, min(bucket, chunk_size)))
+        start = end
     return pieces
+
+
+def run_continuations(vision_mask) -> np.ndarray | None:
+    """bool ``[T]``: tokens continuing a vision run in any row of ``vision_mask`` ``[B, T]`` (None: None)."""
+    if vision_mask is None:
+        return None
+    v = np.asarray(vision_mask, bool)
+    return np.concatenate([[False], np.any(v[:, 1:] & v[:, :-1], axis=0)])
 
 
 def cache_bytes(cache) -> int:
@@ -66,11 +85,11 @@ def full_attention_capacity(decoder: Decoder, cache: DecoderCache) -> int | None
     return int(cache.layers[types.index("full_attention")].k.shape[2])  # [blocks, B, capacity, H, D]
 
 
-def _prefill_chunk(graphdef, params, cache, inputs, position_ids, valid_len):
+def _prefill_chunk(graphdef, params, cache, inputs, position_ids, vision_mask, valid_len):
     decoder = nnx.merge(graphdef, params)
     ids, embeds = (inputs, None) if inputs.ndim == 2 else (None, inputs)
     hidden, cache = decoder.hidden_states(ids, inputs_embeds=embeds, position_ids=position_ids, cache=cache,
-                                          valid_len=valid_len)
+                                          valid_len=valid_len, vision_mask=vision_mask)
     last = jax.lax.dynamic_index_in_dim(hidden, valid_len - 1, axis=1, keepdims=False)  # [B, D]
     return decoder.logits(last), cache
 
@@ -117,7 +136,7 @@ class DecoderEngine:
         """Programs traced and compiled so far by ``prefill`` (all chunk shapes) and ``decode_step``."""
         return {"prefill": self._traces["prefill"], "decode": self._traces["decode"]}
 
-    def prefill(self, cache: DecoderCache, position_ids, *, input_ids=None, inputs_embeds=None,
+    def prefill(self, cache: DecoderCache, position_ids, *, input_ids=None, inputs_embeds=None, vision_mask=None,
                 donate: bool = False, progress: bool = False):
         """Feeds T tokens to the cache in chunks.
 
@@ -126,6 +145,8 @@ class DecoderEngine:
           position_ids: int ``[3, B, T]`` mRoPE ids (or ``[B, T]`` for 1-D RoPE), host or device.
           input_ids: int ``[B, T]`` (host NumPy: padded on the host), or
           inputs_embeds: ``[B, T, D]`` embeddings (e.g. with vision tokens spliced in).
+          vision_mask: bool ``[B, T]``, the vision tokens (M-MATE layers read it, and no chunk
+            then splits a vision run); None: all text.
           donate: let XLA reuse the input cache's buffers (the caller must not use it again).
           progress: a tqdm bar over the chunks.
 
@@ -143,14 +164,18 @@ class DecoderEngine:
                              f"got {position_ids.shape}")
         if cache.start.shape != (batch,):
             raise ValueError(f"the cache holds {cache.start.shape[0]} rows but the input has {batch}")
+        vision = np.zeros((batch, seq_len), bool) if vision_mask is None else np.asarray(vision_mask, bool)
+        if vision.shape != (batch, seq_len):
+            raise ValueError(f"vision_mask must be [B, T] = {(batch, seq_len)}; got {vision.shape}")
         run = self._prefill_donating if donate else self._prefill
-        pieces = chunk_plan(seq_len, self.chunk_size, self.min_bucket)
+        pieces = chunk_plan(seq_len, self.chunk_size, self.min_bucket, run_continuations(vision))
         logits = None
         for start, length, padded in tqdm(pieces, desc="prefill", unit="chunk", file=sys.stdout,
                                           disable=not progress):
-            logits, cache = run(self.params, cache, _right_pad(inputs[:, start:start + length], padded),
-                                _right_pad(position_ids[..., start:start + length], padded, time_axis=-1),
-                                np.int32(length))
+            piece = slice(start, start + length)
+            logits, cache = run(self.params, cache, _right_pad(inputs[:, piece], padded),
+                                _right_pad(position_ids[..., piece], padded, time_axis=-1),
+                                _right_pad(vision[:, piece], padded), np.int32(length))
         return logits, cache
 
     def decode_step(self, cache: DecoderCache, tokens, counts, rope_deltas, key, sampling: SamplingConfig,

@@ -51,7 +51,7 @@ class PromptBatch(NamedTuple):
     """A left-padded batch ready for ``DecoderEngine.prefill``.
 
     embeds ``[B, T, D]``; position_ids int32 ``[3, B, T]`` (pads 0); left_padding and lengths
-    int32 ``[B]`` (pads, real tokens); rope_deltas int32 ``[B]``.
+    int32 ``[B]`` (pads, real tokens); rope_deltas int32 ``[B]``; vision_mask bool ``[B, T]``.
     """
 
     embeds: jax.Array
@@ -59,6 +59,7 @@ class PromptBatch(NamedTuple):
     left_padding: np.ndarray
     lengths: np.ndarray
     rope_deltas: np.ndarray
+    vision_mask: np.ndarray
 
 
 def prepare_prompts(model: VisionLanguageModel, token_ids: Sequence[Sequence[int]], **vision) -> PromptBatch:
@@ -75,7 +76,7 @@ def prepare_prompts(model: VisionLanguageModel, token_ids: Sequence[Sequence[int
         mask[row, width - len(row_ids):] = 1
     prepared = model.prepare(ids, attention_mask=mask, **vision)
     return PromptBatch(prepared.embeds, np.asarray(prepared.position_ids, np.int32), width - lengths, lengths,
-                       np.asarray(prepared.rope_deltas, np.int32).reshape(-1))
+                       np.asarray(prepared.rope_deltas, np.int32).reshape(-1), np.asarray(prepared.vision_mask))
 
 
 @dataclasses.dataclass
@@ -207,8 +208,8 @@ def generate(model: VisionLanguageModel, tokenizer, requests: Sequence[Request],
     if capacity is not None and width + max_new_tokens - 1 > capacity:
         raise ValueError(f"the full-attention cache holds {capacity} tokens but the prompt ({width} with padding) "
                          f"plus {max_new_tokens} new tokens need {width + max_new_tokens - 1}; raise max_len")
-    logits, cache = engine.prefill(cache, prompts.position_ids, inputs_embeds=prompts.embeds, donate=True,
-                                   progress=progress)
+    logits, cache = engine.prefill(cache, prompts.position_ids, inputs_embeds=prompts.embeds,
+                                   vision_mask=prompts.vision_mask, donate=True, progress=progress)
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
     result = generate_tokens(engine, cache, logits, prompts.lengths, prompts.rope_deltas,

@@ -90,10 +90,11 @@ class StreamingSession:
             raise ValueError(f"the full-attention cache holds {self.capacity} tokens; the stream has "
                              f"{cache_tokens} and needs {new} more (raise max_len)")
 
-    def _feed(self, position_ids, *, input_ids=None, inputs_embeds=None):
+    def _feed(self, position_ids, *, input_ids=None, inputs_embeds=None, vision_mask=None):
         length = position_ids.shape[-1]
         self._check_room(self.tokens_seen, length)
-        _, self.cache = self.engine.prefill(self.cache, position_ids, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        _, self.cache = self.engine.prefill(self.cache, position_ids, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                            vision_mask=vision_mask)
         self.tokens_seen += length
 
     def _text_positions(self, count: int) -> np.ndarray:
@@ -132,7 +133,8 @@ class StreamingSession:
         temporal = base + math.floor((seconds - start_time) * self.model.cfg.vision.tokens_per_second)
         y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
         positions = np.stack([np.full(height * width, temporal), base + y.ravel(), base + x.ravel()])
-        self._feed(positions[:, None].astype(np.int32), inputs_embeds=features[None])
+        self._feed(positions[:, None].astype(np.int32), inputs_embeds=features[None],
+                   vision_mask=np.ones((1, positions.shape[1]), bool))
         self.next_position = max(self.next_position, int(positions.max()) + 1)
         self.stream_time = seconds
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-LAYER_TYPES = ("sliding_attention", "full_attention", "linear_attention")
+LAYER_TYPES = ("sliding_attention", "full_attention", "linear_attention", "mmate", "mmate_shifted")
+MMATE_TYPES = ("mmate", "mmate_shifted")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -66,6 +67,43 @@ class GatedDeltaNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MMateConfig:
+    """LinMU's M-MATE mixer (``models/mmate.py``, every choice argued in ``docs/linmu.md``).
+
+    The SSM's heads, head size and state size are the attention's (``num_attention_heads``,
+    ``head_dim``, d_state = ``head_dim``): the Mamba-in-the-Llama init maps W_q/W_k/W_v into C/B/x.
+
+    conv_size: Flex-MA's causal depthwise conv over x, B and C (Mamba2's 4).
+    window: Local-Swin's (frames, rows, cols) window over a vision run's merged-token grid.
+    text_window: keys (itself included) a text token attends to in Local-Swin, causally.
+    """
+
+    conv_size: int = 4
+    window: tuple[int, int, int] = (2, 4, 4)
+    text_window: int = 128
+
+    def __post_init__(self):
+        if self.conv_size < 1:
+            raise ValueError(f"mmate conv_size must be >= 1; got {self.conv_size}")
+        if len(self.window) != 3 or min(self.window) < 1:
+            raise ValueError(f"mmate window must be three sizes >= 1 (frames, rows, cols); got {self.window}")
+        if self.text_window < 1:
+            raise ValueError(f"mmate text_window must be >= 1; got {self.text_window}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MMateConfig":
+        d = _from_mapping(cls, d, "mmate")
+        if "window" in d:
+            d["window"] = tuple(d["window"])
+        return cls(**d)
+
+    @property
+    def window_tokens(self) -> int:
+        """Most tokens one Local-Swin window holds."""
+        return self.window[0] * self.window[1] * self.window[2]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig(_PrecisionFields):
     """Text decoder: embeddings, a pattern of SWA / full-attention / GDN layers, tied head."""
 
@@ -82,6 +120,7 @@ class DecoderConfig(_PrecisionFields):
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
+    mmate: MMateConfig = MMateConfig()
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     delta_rule_impl: str = "auto"
@@ -130,7 +169,13 @@ class DecoderConfig(_PrecisionFields):
         d["layer_types"] = tuple(d["layer_types"])
         if d.get("mrope_section") is not None:
             d["mrope_section"] = tuple(d["mrope_section"])
-        return cls(gdn=GatedDeltaNetConfig(**gdn), **d)
+        mmate = MMateConfig.from_dict(d.pop("mmate", {}) or {})
+        return cls(gdn=GatedDeltaNetConfig(**gdn), mmate=mmate, **d)
+
+
+def mmate_layer_types(num_layers: int) -> tuple[str, ...]:
+    """LinMU's pattern: every layer M-MATE, odd layers with shifted windows and column-major scans."""
+    return tuple("mmate_shifted" if i % 2 else "mmate" for i in range(num_layers))
 
 
 def hybrid_layer_types(num_layers: int, period: int = 4) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """The hybrid decoder: embeddings, scanned blocks of pre-norm layers, final norm, tied logits.
 
 Each layer: ``h = x + Mixer(RMSNorm_in(x)); out = h + MLP(RMSNorm_post(h))`` where the mixer is
-a ``SelfAttention`` (sliding or full) or a ``GatedDeltaNet`` according to ``layer_types``.
+a ``SelfAttention`` (sliding or full), a ``GatedDeltaNet`` or LinMU's ``MMate`` according to
+``layer_types``.
 Layers are grouped into ``num_blocks`` identical blocks of ``block_pattern`` (e.g. [SWA, GDN,
 GDN, GDN]); the blocks' parameters are stacked on a leading axis and run with ``lax.scan``
 (optionally rematerialised), so compile time does not grow with depth.
@@ -15,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infinitevl_jax.models.config import DecoderConfig
+from infinitevl_jax.models.config import MMATE_TYPES, DecoderConfig
 from infinitevl_jax.models.gated_deltanet import GatedDeltaNet, init_gated_deltanet_cache
 from infinitevl_jax.models.layers import RMSNorm, SwiGLU
+from infinitevl_jax.models.mmate import MMate, init_mmate_cache
 from infinitevl_jax.models.sliding_attention import SelfAttention, init_kv_cache
 from infinitevl_jax.models.stacking import scan_stacked, stacked
+from infinitevl_jax.models.vision_runs import VisionRuns, vision_runs
 from infinitevl_jax.ops.rope import rope_cos_sin
 
 class DecoderCache(NamedTuple):
@@ -59,17 +62,23 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         if layer_type == "linear_attention":
             self.mixer = GatedDeltaNet(cfg, rngs=rngs)
+        elif layer_type in MMATE_TYPES:
+            self.mixer = MMate(cfg, shifted=layer_type == "mmate_shifted", rngs=rngs)
         else:
             self.mixer = SelfAttention(cfg, cfg.window_of(layer_type), rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, *, cache=None, span: StreamSpan | None = None, segment_ids=None):
+    def __call__(self, x, cos, sin, *, cache=None, span: StreamSpan | None = None, segment_ids=None,
+                 runs: VisionRuns | None = None):
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             stream = {} if span is None else dict(valid=span.valid(x.shape[1]), valid_len=span.valid_len)
             h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids, **stream)
+        elif self.layer_type in MMATE_TYPES:
+            stream = {} if span is None else span._asdict()
+            h, cache = self.mixer(h, cos, sin, runs, cache=cache, segment_ids=segment_ids, **stream)
         else:
             stream = {} if span is None else span._asdict()
             h, cache = self.mixer(h, cos, sin, cache=cache, segment_ids=segment_ids, **stream)
@@ -83,11 +92,11 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
 
-    def __call__(self, x, cos, sin, *, caches=None, span=None, segment_ids=None):
+    def __call__(self, x, cos, sin, *, caches=None, span=None, segment_ids=None, runs=None):
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, cache=None if caches is None else caches[i], span=span,
-                         segment_ids=segment_ids)
+                         segment_ids=segment_ids, runs=runs)
             new_caches.append(c)
         return x, (None if caches is None else tuple(new_caches))
 
@@ -115,10 +124,14 @@ class Decoder(nnx.Module):
         first (a left-padded batch of prompts of different lengths); they stay invisible.
         """
         cfg = self.cfg
-        per_block = tuple(
-            init_gated_deltanet_cache(cfg, batch) if t == "linear_attention"
-            else init_kv_cache(cfg, cfg.window_of(t), batch, max_len)
-            for t in cfg.block_pattern)
+        def layer_cache(t):
+            if t == "linear_attention":
+                return init_gated_deltanet_cache(cfg, batch)
+            if t in MMATE_TYPES:
+                return init_mmate_cache(cfg, batch)
+            return init_kv_cache(cfg, cfg.window_of(t), batch, max_len)
+
+        per_block = tuple(layer_cache(t) for t in cfg.block_pattern)
         stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_blocks, *a.shape)), per_block)
         start = jnp.zeros((batch,), jnp.int32) if left_padding is None else jnp.asarray(left_padding, jnp.int32)
         if start.shape != (batch,):
@@ -140,8 +153,19 @@ class Decoder(nnx.Module):
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.dot(hidden, head.astype(self.cfg.compute_dtype)).astype(jnp.float32)
 
+    def runs(self, vision_mask, position_ids, segment_ids=None) -> VisionRuns | None:
+        """The vision runs M-MATE layers read (None when the pattern has none); ``vision_mask``
+        bool ``[B, T]`` (None: all text)."""
+        if not set(self.cfg.block_pattern) & set(MMATE_TYPES):
+            return None
+        if vision_mask is None:
+            vision_mask = jnp.zeros(position_ids.shape[-2:], bool)
+        elif vision_mask.shape != position_ids.shape[-2:]:
+            raise ValueError(f"vision_mask must be [B, T] = {position_ids.shape[-2:]}; got {vision_mask.shape}")
+        return vision_runs(vision_mask, position_ids, segment_ids)
+
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
-                      cache: DecoderCache | None = None, valid_len=None):
+                      cache: DecoderCache | None = None, valid_len=None, vision_mask=None):
         """The decoder without its head: ``(final-normed hidden [B, T, D], new cache or None)``.
 
         Arguments as in ``__call__``; use it to take logits of a few positions only (a prefill
@@ -161,8 +185,10 @@ class Decoder(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(index + jnp.arange(seq_len), (batch, seq_len))
         cos, sin = self.rope(position_ids)
+        runs = self.runs(vision_mask, position_ids, segment_ids)
 
-        step = lambda block, h, caches: block(h, cos, sin, caches=caches, span=span, segment_ids=segment_ids)
+        step = lambda block, h, caches: block(h, cos, sin, caches=caches, span=span, segment_ids=segment_ids,
+                                              runs=runs)
         x, layer_caches = scan_stacked(self.blocks, step, x, None if cache is None else cache.layers, cfg.remat)
         new_cache = None if cache is None else DecoderCache(layer_caches, index + span.valid_len, cache.start)
         return self.norm(x), new_cache
@@ -178,7 +204,7 @@ class Decoder(nnx.Module):
         return StreamSpan(cache.index, cache.start, jnp.asarray(valid_len, jnp.int32))
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, segment_ids=None,
-                 cache: DecoderCache | None = None, valid_len=None):
+                 cache: DecoderCache | None = None, valid_len=None, vision_mask=None):
         """Runs the decoder.
 
         Args:
@@ -190,9 +216,12 @@ class Decoder(nnx.Module):
           valid_len: with a cache, the number of real tokens (int, may be traced), a prefix of
             the T given; the rest is right padding: it changes nothing in the cache, which
             advances by ``valid_len`` (so one compiled shape serves every shorter chunk).
+          vision_mask: bool ``[B, T]``, True at vision tokens; read by M-MATE layers only (their
+            backward scan and windows cover vision runs, ``models.vision_runs``). None: all text.
 
         Returns ``(logits [B, T, vocab] float32, new cache or None)``.
         """
         hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                           segment_ids=segment_ids, cache=cache, valid_len=valid_len)
+                                           segment_ids=segment_ids, cache=cache, valid_len=valid_len,
+                                           vision_mask=vision_mask)
         return self.logits(hidden), cache

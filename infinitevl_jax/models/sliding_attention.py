@@ -46,6 +46,25 @@ def slot_token_index(index, capacity):
     return index - 1 - jnp.mod(index - 1 - slots, capacity)
 
 
+def ring_in_stream_order(cache: KVCache, index):
+    """The ring's keys and values in stream order: place p < capacity holds token
+    ``index - capacity + p`` (slot ``(index + p) % capacity``; negative tokens are empty slots)."""
+    capacity = cache.k.shape[1]
+    order = jnp.mod(index + jnp.arange(capacity), capacity)
+    return jnp.take(cache.k, order, axis=1), jnp.take(cache.v, order, axis=1)
+
+
+def ring_write(cache: KVCache, k, v, index, valid_len) -> KVCache:
+    """The ring after a call of ``k``/``v`` ``[B, T, Hkv, D]`` at stream ``index``: the newest
+    ``min(valid_len, capacity)`` real tokens go into their slots, the rest is dropped."""
+    capacity = cache.k.shape[1]
+    t = jnp.arange(k.shape[1])
+    keep = (t < valid_len) & (t >= valid_len - capacity)
+    slots = jnp.where(keep, jnp.mod(index + t, capacity), capacity)
+    return KVCache(cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop"),
+                   cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop"))
+
+
 def init_kv_cache(cfg: DecoderConfig, window: int | None, batch: int, max_len: int | None = None) -> KVCache:
     """Empty ring buffer: ``window - 1`` slots for a sliding layer (fewer if ``max_len`` is
     smaller), ``max_len`` slots for a full-attention layer (required there)."""
@@ -70,6 +89,15 @@ class SelfAttention(nnx.Module):
         self.v_proj = Dense(d, hkv * hd, axes=("embed", "kv_heads"), use_bias=True, **dense)
         self.o_proj = Dense(hq * hd, d, axes=("heads", "embed"), **dense)
 
+    def project(self, x, cos, sin):
+        """Post-RoPE ``q [B, T, Hq, head_dim]`` and ``k``, ``v`` ``[B, T, Hkv, head_dim]`` of x ``[B, T, D]``."""
+        cfg = self.cfg
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def __call__(self, x, cos, sin, *, cache: KVCache | None = None, index=0, start=None, valid_len=None,
                  segment_ids=None):
         """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``.
@@ -80,10 +108,7 @@ class SelfAttention(nnx.Module):
         """
         cfg = self.cfg
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(batch, seq_len, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is None:
             o = attention(q, k, v, window=self.window, segment_ids=segment_ids, impl=cfg.attention_impl)
         else:
@@ -107,13 +132,7 @@ class SelfAttention(nnx.Module):
         else:
             # Stream order: position p < capacity holds token index - capacity + p, in slot (index + p) % capacity;
             # token start[b] sits at position start - index + capacity (start >= 0: empty slots are masked too).
-            order = jnp.mod(index + jnp.arange(capacity), capacity)
-            o = chunk_attention(q, k, v, jnp.take(cache.k, order, axis=1), jnp.take(cache.v, order, axis=1),
-                                first_visible=start - index + capacity, window=self.window, impl=impl)
-        # Write the newest min(valid_len, capacity) real tokens into their slots; the rest is dropped.
-        t = jnp.arange(seq_len)
-        keep = (t < valid_len) & (t >= valid_len - capacity)
-        slots = jnp.where(keep, jnp.mod(index + t, capacity), capacity)
-        new_k = cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop")
-        new_v = cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop")
-        return o, KVCache(new_k, new_v)
+            past_k, past_v = ring_in_stream_order(cache, index)
+            o = chunk_attention(q, k, v, past_k, past_v, first_visible=start - index + capacity,
+                                window=self.window, impl=impl)
+        return o, ring_write(cache, k, v, index, valid_len)

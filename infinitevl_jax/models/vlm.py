@@ -39,12 +39,19 @@ from infinitevl_jax.models.vision import AttentionGroups, VisionLayout, VisionTr
 
 class PreparedInputs(NamedTuple):
     """Decoder inputs: embeds ``[B, T, D]``, position_ids ``[3, B, T]``, segment_ids ``[B, T]``
-    (or None), rope_deltas ``[B, 1]`` (None for packed batches, which are never continued)."""
+    (or None), rope_deltas ``[B, 1]`` (None for packed batches, which are never continued),
+    vision_mask bool ``[B, T]`` (the image and video placeholders)."""
 
     embeds: jax.Array
     position_ids: jax.Array
     segment_ids: jax.Array | None
     rope_deltas: np.ndarray | None
+    vision_mask: jax.Array
+
+    def decoder_kwargs(self) -> dict:
+        """The keyword arguments of ``Decoder.__call__`` / ``hidden_states`` these inputs fill."""
+        return dict(inputs_embeds=self.embeds, position_ids=self.position_ids, segment_ids=self.segment_ids,
+                    vision_mask=self.vision_mask)
 
 
 class VisionLanguageOutput(NamedTuple):
@@ -104,8 +111,9 @@ def _check_count(input_ids, token_id, features, what):
 
 
 @nnx.jit
-def _run_decoder(decoder, embeds, position_ids, segment_ids, cache):
-    return decoder(inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids, cache=cache)
+def _run_decoder(decoder, embeds, position_ids, segment_ids, vision_mask, cache):
+    return decoder(inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids, vision_mask=vision_mask,
+                   cache=cache)
 
 
 class VisionLanguageModel(nnx.Module):
@@ -115,6 +123,11 @@ class VisionLanguageModel(nnx.Module):
         self.cfg = cfg
         self.visual = None if cfg.vision is None else VisionTransformer(cfg.vision, rngs=rngs)
         self.language_model = Decoder(cfg.decoder, rngs=rngs)
+
+    def vision_mask(self, input_ids):
+        """bool ``[B, T]``: the image and video placeholder tokens of ``input_ids``."""
+        tokens = self.cfg.tokens
+        return (input_ids == tokens.image_token_id) | (input_ids == tokens.video_token_id)
 
     def embed(self, input_ids, *, image_embeds=None, video_embeds=None):
         """``[B, T]`` ids (+ merged vision tokens ``[K, D]``) -> ``[B, T, D]`` embeddings."""
@@ -158,7 +171,8 @@ class VisionLanguageModel(nnx.Module):
             spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
             image_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id)
         segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return PreparedInputs(embeds, jnp.asarray(position_ids), segment_ids, rope_deltas)
+        return PreparedInputs(embeds, jnp.asarray(position_ids), segment_ids, rope_deltas,
+                              self.vision_mask(jnp.asarray(input_ids)))
 
     def prepare_packed(self, batch) -> PreparedInputs:
         """Decoder inputs of a packed batch (``data.packing.PackedBatch`` or anything with its
@@ -176,12 +190,11 @@ class VisionLanguageModel(nnx.Module):
             rows, patches = batch.pixel_values.shape[:2]
             features = self.visual.encode(jnp.reshape(batch.pixel_values, (rows * patches, -1)),
                                           flatten_vision_layout(batch.vision_layout))
-            tokens = self.cfg.tokens
-            mask = (input_ids == tokens.image_token_id) | (input_ids == tokens.video_token_id)
             merged = patches // self.visual.cfg.merge_unit
-            embeds = splice_row_features(embeds, mask, features.reshape(rows, merged, -1))
+            embeds = splice_row_features(embeds, self.vision_mask(input_ids), features.reshape(rows, merged, -1))
         position_ids = jnp.transpose(jnp.asarray(batch.position_ids), (1, 0, 2))
-        return PreparedInputs(embeds, position_ids, jnp.asarray(batch.segment_ids), None)
+        return PreparedInputs(embeds, position_ids, jnp.asarray(batch.segment_ids), None,
+                              self.vision_mask(input_ids))
 
     def __call__(self, input_ids, *, cache: DecoderCache | None = None, **inputs) -> VisionLanguageOutput:
         """Forward of whole sequences (``prepare`` + the decoder); ``inputs`` as in ``prepare``.
@@ -194,5 +207,5 @@ class VisionLanguageModel(nnx.Module):
                              "language_model(inputs_embeds=..., position_ids=decode_position_ids(...), cache=...)")
         prepared = self.prepare(input_ids, **inputs)
         logits, cache = _run_decoder(self.language_model, prepared.embeds, prepared.position_ids,
-                                     prepared.segment_ids, cache)
+                                     prepared.segment_ids, prepared.vision_mask, cache)
         return VisionLanguageOutput(logits, cache, prepared.rope_deltas)

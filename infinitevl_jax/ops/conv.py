@@ -19,6 +19,17 @@ import jax
 import jax.numpy as jnp
 
 
+def check_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
+    """Raises unless ``segment_ids`` is None or an integer ``[batch, seq_len]`` array (shared by
+    the ops that take packed sequences: this conv, the gated delta rule, the SSD scan)."""
+    if segment_ids is None:
+        return
+    if segment_ids.shape != (batch, seq_len):
+        raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}; got {segment_ids.shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+
+
 def init_conv_cache(batch, width, channels, dtype):
     """Zero cache ``[batch, width - 1, channels]`` (the state at the start of a sequence)."""
     return jnp.zeros((batch, width - 1, channels), dtype)
@@ -35,11 +46,7 @@ def _check_shapes(x, weight, cache, segment_ids):
     expected_cache = (batch, weight.shape[0] - 1, channels)
     if cache is not None and cache.shape != expected_cache:
         raise ValueError(f"cache must be [batch, width - 1, channels] = {expected_cache}; got {cache.shape}")
-    if segment_ids is not None:
-        if segment_ids.shape != (batch, seq_len):
-            raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}; got {segment_ids.shape}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+    check_segment_ids(segment_ids, batch, seq_len)
 
 
 def causal_conv1d(x, weight, *, cache=None, segment_ids=None, valid_len=None):

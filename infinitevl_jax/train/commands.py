@@ -22,8 +22,9 @@ def initialize_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def default_run_dir(config_arg: str) -> str:
-    return os.path.join("runs", os.path.splitext(os.path.basename(config_arg))[0])
+def default_run_dir(config_arg: str, arch: str | None = None) -> str:
+    name = os.path.splitext(os.path.basename(config_arg))[0]
+    return os.path.join("runs", name if arch is None else f"{name}-{arch}")
 
 
 def cmd_train(args, overrides) -> int:
@@ -31,8 +32,8 @@ def cmd_train(args, overrides) -> int:
     from infinitevl_jax.train.loop import train
 
     initialize_distributed(args)
-    config = load_config(args.config, overrides)
-    run_dir = args.run_dir or default_run_dir(args.config)
+    config = load_config(args.config, overrides, arg=args.arch)
+    run_dir = args.run_dir or default_run_dir(args.config, args.arch)
     if is_curriculum(config):
         results = run_curriculum(config, run_dir, progress=not args.no_progress)
         return 0 if len(results) == len(config.order) else 3
@@ -51,6 +52,9 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", required=True,
                        help="config file (configs/quickstart.py, configs/sft.py, ...) or its preset name")
+    train.add_argument("--arch", default=None,
+                       help="argument of the config's get_config(), e.g. the quickstart's student architecture: "
+                            "infinitevl (default) or linmu; the default run directory gets it as a suffix")
     train.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>); on several hosts, a path they all share "
                             "(NFS, or a bucket mounted with gcsfuse)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (log files, CI)")

@@ -75,7 +75,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from infinitevl_jax.models.config import DecoderConfig, VisionLanguageConfig
+from infinitevl_jax.models.config import LAYER_TYPES, MMATE_TYPES, DecoderConfig, VisionLanguageConfig
 
 GDN_CHUNK = 64  # ops.delta_rule.chunked.CHUNK_SIZE (not imported: this module needs no jax)
 
@@ -128,10 +128,22 @@ def _mixer_params(dec: DecoderConfig, layer_type: str) -> tuple[int, int]:
         inputs = d * (2 * key_dim + 2 * value_dim + 2 * g.num_heads)  # q, k, v, g, a, b
         outputs = value_dim * d + g.conv_size * (2 * key_dim + value_dim)  # o_proj, q/k/v convs
         return inputs, outputs
+    q_dim, kv_dim = dec.num_attention_heads * dec.head_dim, dec.num_key_value_heads * dec.head_dim
     if layer_type in ("sliding_attention", "full_attention"):
-        q_dim, kv_dim = dec.num_attention_heads * dec.head_dim, dec.num_key_value_heads * dec.head_dim
         return d * (q_dim + 2 * kv_dim), q_dim * d
+    if layer_type in MMATE_TYPES:
+        heads = dec.num_attention_heads
+        # Flex-MA x, B, C, z, dt, dir; the mix; Local-Swin q, k, v
+        inputs = d * (2 * kv_dim + 2 * q_dim + 4 * heads + 1) + d * (q_dim + 2 * kv_dim)
+        outputs = 2 * q_dim * d + dec.mmate.conv_size * (2 * kv_dim + q_dim)  # out_proj, o_proj, convs
+        return inputs, outputs
     raise ValueError(f"unknown layer type {layer_type!r}")
+
+
+def ssd_core_flops_per_token_head(d_state: int, head_dim: int, chunk: int = GDN_CHUNK) -> float:
+    """Chunked SSD scan (one direction) per token and head: ``2 c (N + P) + 4 N P`` (the chunk's
+    C B^T and its product with x, the chunk state and the state read)."""
+    return 2 * chunk * (d_state + head_dim) + 4 * d_state * head_dim
 
 
 def layer_flops(dec: DecoderConfig, layer_type: str, seq_len: int) -> LayerFlops:
@@ -140,6 +152,9 @@ def layer_flops(dec: DecoderConfig, layer_type: str, seq_len: int) -> LayerFlops
     if layer_type == "linear_attention":
         g = dec.gdn
         core = g.num_heads * gdn_core_flops_per_token_head(g.head_k_dim, g.head_v_dim)
+    elif layer_type in MMATE_TYPES:  # both scan directions + Local-Swin as text-window attention
+        ssd = 2 * dec.num_attention_heads * ssd_core_flops_per_token_head(dec.head_dim, dec.head_dim)
+        core = ssd + 2 * 2 * dec.num_attention_heads * dec.head_dim * attention_context(seq_len, dec.mmate.text_window)
     else:
         ctx = attention_context(seq_len, dec.window_of(layer_type))
         core = 2 * 2 * dec.num_attention_heads * dec.head_dim * ctx
@@ -181,7 +196,7 @@ def train_flops_breakdown(cfg: VisionLanguageConfig, seq_len: int, *, trainable_
         if teacher.decoder.num_layers != dec.num_layers:
             raise ValueError(f"layer-wise distillation pairs layers: teacher has {teacher.decoder.num_layers}, "
                              f"student {dec.num_layers}")
-        unknown = sorted(set(trainable_layer_types) - {"linear_attention", "sliding_attention", "full_attention"})
+        unknown = sorted(set(trainable_layer_types) - set(LAYER_TYPES))
         if unknown:
             raise ValueError(f"unknown trainable_layer_types {unknown}")
         student = sum(f.forward for _, f in layers)

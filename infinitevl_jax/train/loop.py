@@ -40,7 +40,7 @@ from flax import nnx
 from infinitevl_jax.convert.pretrained import abstract_model, load_pretrained, model_config_of, random_model
 from infinitevl_jax.convert.student import student_config, student_from_teacher
 from infinitevl_jax.data.pipeline import build_dataset
-from infinitevl_jax.models.config import VisionLanguageConfig
+from infinitevl_jax.models.config import MMateConfig, VisionLanguageConfig
 from infinitevl_jax.train import checkpoint as ckpt
 from infinitevl_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from infinitevl_jax.train.observe import RunReporter
@@ -120,7 +120,9 @@ def planned_model_config(config: ml_collections.ConfigDict, saved: Mapping | Non
     else:
         cfg = model_config_of(init.checkpoint)
         if init.student.enabled:
-            cfg = student_config(cfg, period=init.student.period, sliding_window=init.student.sliding_window)
+            cfg = student_config(cfg, arch=init.student.arch, period=init.student.period,
+                                 sliding_window=init.student.sliding_window,
+                                 mmate=MMateConfig.from_dict(init.student.mmate))
     return _model_config(config, cfg)
 
 

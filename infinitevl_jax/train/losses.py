@@ -9,6 +9,7 @@ step on their concatenation (``train.step``). ``value = numerator / denominator`
                          p = softmax(z / T) in float32; w = 1 everywhere (the original) or a mask
     layerwise_mse        factor * (1/L) sum_l mean_{b,t,d} (S_l(H_l) - H_{l+1})^2
                          (numerator: factor/L * sum_{l,b,t,d} err^2, denominator: B*T*D)
+    combine              the sum of two losses' values, as one (numerator, denominator) pair
 
 Logits are ``[B, T, V]`` (cast to float32 here), targets int ``[B, T]``, masks ``[B, T]``.
 """
@@ -88,3 +89,13 @@ def layerwise_mse(student_outputs, teacher_outputs, *, factor: float = 1000.0) -
     layers, batch, time, width = student_outputs.shape
     err = student_outputs.astype(jnp.float32) - teacher_outputs.astype(jnp.float32)
     return LossTerms(factor / layers * jnp.sum(err * err), jnp.asarray(batch * time * width, jnp.float32))
+
+
+def combine(first: LossTerms, second: LossTerms) -> LossTerms:
+    """``first.value + second.value`` over ``first``'s denominator.
+
+    Exact under gradient accumulation when the ratio of the two denominators is the same for
+    every micro-batch (e.g. logit_kl's B and layerwise_mse's B*T*D with fixed T and D).
+    """
+    scale = first.denominator / jnp.maximum(second.denominator, 1e-12)
+    return LossTerms(first.numerator + second.numerator * scale, first.denominator)

@@ -9,6 +9,11 @@ Stages (spec section 7; ``stage_defaults`` gives each one's ``train`` config sec
                        positions (kl_mask="all", the original) or label positions ("labels")
     sft                cross_entropy on loss_mask (assistant) tokens; GDN mixers + attention q/k/v/o
     long_sft           cross_entropy; LoRA adapters only (``adapt_for_stage`` adds them)
+    linmu_flex_ma      hidden_kl (LinMU, docs/linmu.md): logit_kl + layerwise_mse of the student's
+                       own residual stream against the teacher's (both end to end); Flex-MA +
+                       the branch mix train
+    linmu_local_swin   hidden_kl; Flex-MA, the mix and Local-Swin
+    linmu_lora         hidden_kl; both branches, the mix and LoRA adapters on the MLPs
 
 A batch is a dict of batch-leading arrays, the fields of ``data.packing.PackedBatch``:
 input_ids, segment_ids, targets int32 ``[B, T]``, position_ids int32 ``[B, 3, T]``, loss_mask
@@ -56,7 +61,14 @@ from infinitevl_jax.train.trainable import (
 
 log = logging.getLogger(__name__)
 STAGE_LOSS = {"distill_layerwise": "layerwise_mse", "distill_e2e": "logit_kl", "sft": "cross_entropy",
-              "long_sft": "cross_entropy"}
+              "long_sft": "cross_entropy", "linmu_flex_ma": "hidden_kl", "linmu_local_swin": "hidden_kl",
+              "linmu_lora": "hidden_kl"}
+LOSSES = ("layerwise_mse", "logit_kl", "hidden_kl", "cross_entropy")
+ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+STAGE_LORA = {
+    "long_sft": dict(rank=64, alpha=128.0, targets=ATTENTION_LORA_TARGETS, seed=0),
+    "linmu_lora": dict(rank=16, alpha=32.0, targets=("gate_proj", "up_proj", "down_proj"), seed=0),
+}
 
 
 def stage_defaults(stage: str) -> ml_collections.ConfigDict:
@@ -67,7 +79,7 @@ def stage_defaults(stage: str) -> ml_collections.ConfigDict:
         stage=stage,
         loss=STAGE_LOSS[stage],
         trainable=STAGE_TRAINABLE[stage],
-        mse_factor=1000.0,
+        mse_factor=100.0 if stage.startswith("linmu_") else 1000.0,
         temperature=2.0,
         kl_mask="all",
         microbatches=1,
@@ -76,8 +88,7 @@ def stage_defaults(stage: str) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         param_dtype="float32",
         remat="nothing_saveable" if stage == "long_sft" else "none",
-        lora=dict(rank=64 if stage == "long_sft" else 0, alpha=128.0,
-                  targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0),
+        lora=STAGE_LORA.get(stage, dict(rank=0, alpha=128.0, targets=ATTENTION_LORA_TARGETS, seed=0)),
     ))
 
 
@@ -103,6 +114,11 @@ def packed_inputs(model, batch: Mapping[str, Any]):
     """Decoder inputs (embeds, position_ids ``[3, B, T]``, segment_ids) of a batch dict, through
     ``VisionLanguageModel.prepare_packed`` (vision fields optional)."""
     return model.prepare_packed(types.SimpleNamespace(**{"pixel_values": None, "vision_layout": None, **batch}))
+
+
+def _stream_args(x):
+    """``residual_stream``'s arguments from decoder inputs: embeds, position_ids, segment_ids, vision_mask."""
+    return x.embeds, x.position_ids, x.segment_ids, x.vision_mask
 
 
 class TrainState(NamedTuple):
@@ -190,7 +206,7 @@ class Trainer:
     def __init__(self, model: nnx.Module, train: Mapping[str, Any], *, teacher: nnx.Module | None = None,
                  mesh: Mesh | None = None, rules: Mapping[str, object] = LOGICAL_RULES,
                  inputs_fn: Callable = packed_inputs):
-        if train["loss"] not in ("layerwise_mse", "logit_kl", "cross_entropy"):
+        if train["loss"] not in LOSSES:
             raise ValueError(f"unknown loss {train['loss']!r}")
         if train["loss"] != "cross_entropy" and teacher is None:
             raise ValueError(f"loss {train['loss']!r} needs a teacher model")
@@ -260,23 +276,26 @@ class Trainer:
         model = nnx.merge(self.graphdef, params, self.rest)
         kind = self.train["loss"]
         if kind == "cross_entropy":
-            x = self.inputs_fn(model, batch)
-            logits, _ = model.language_model(inputs_embeds=x.embeds, position_ids=x.position_ids,
-                                             segment_ids=x.segment_ids)
+            logits, _ = model.language_model(**self.inputs_fn(model, batch).decoder_kwargs())
             return losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
         teacher = nnx.merge(self.teacher_graphdef, teacher_params)
         t = self.inputs_fn(teacher, batch)
         if kind == "layerwise_mse":
-            stream = jax.lax.stop_gradient(residual_stream(teacher.language_model, t.embeds, t.position_ids,
-                                                           t.segment_ids))
-            outs = layers_on_inputs(model.language_model, stream[:-1], t.position_ids, t.segment_ids)
+            stream = jax.lax.stop_gradient(residual_stream(teacher.language_model, *_stream_args(t)))
+            outs = layers_on_inputs(model.language_model, stream[:-1], *_stream_args(t)[1:])
             return losses.layerwise_mse(outs, stream[1:], factor=self.train["mse_factor"])
-        teacher_logits, _ = teacher.language_model(inputs_embeds=t.embeds, position_ids=t.position_ids,
-                                                   segment_ids=t.segment_ids)
-        x = self.inputs_fn(model, batch)
-        logits, _ = model.language_model(inputs_embeds=x.embeds, position_ids=x.position_ids,
-                                         segment_ids=x.segment_ids)
         mask = batch["loss_mask"] if self.train["kl_mask"] == "labels" else None
+        x = self.inputs_fn(model, batch)
+        if kind == "hidden_kl":
+            teacher_stream = jax.lax.stop_gradient(residual_stream(teacher.language_model, *_stream_args(t)))
+            stream = residual_stream(model.language_model, *_stream_args(x))
+            kl = losses.logit_kl(model.language_model.logits(model.language_model.norm(stream[-1])),
+                                 teacher.language_model.logits(teacher.language_model.norm(teacher_stream[-1])),
+                                 temperature=self.train["temperature"], mask=mask)
+            mse = losses.layerwise_mse(stream[1:], teacher_stream[1:], factor=self.train["mse_factor"])
+            return losses.combine(kl, mse)
+        teacher_logits, _ = teacher.language_model(**t.decoder_kwargs())
+        logits, _ = model.language_model(**x.decoder_kwargs())
         return losses.logit_kl(logits, jax.lax.stop_gradient(teacher_logits),
                                temperature=self.train["temperature"], mask=mask)
 

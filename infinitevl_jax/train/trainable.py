@@ -6,6 +6,8 @@ A stage names groups; a parameter is trainable when any group matches its path:
                       projections, q/k/v convs, A_log, dt_bias, o_norm)
     attention_mixers  the mixers of softmax layers (sliding or full): q/k/v/o with biases
     mlps              the decoder layers' SwiGLU MLPs
+    flex_ma           M-MATE layers' Flex-MA branch and their branch mix (``mix_proj``)
+    local_swin        M-MATE layers' Local-Swin branch (q/k/v/o with biases)
     lora              LoRA adapters (``train.lora``), and nothing else
     all               every parameter but LoRA adapters (pre-training from scratch, e.g. the
                       quickstart's teacher)
@@ -23,11 +25,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from infinitevl_jax.models.config import MMATE_TYPES
+
 STAGE_TRAINABLE = {
     "distill_layerwise": ("gdn_mixers",),
     "distill_e2e": ("gdn_mixers",),
     "sft": ("gdn_mixers", "attention_mixers"),
     "long_sft": ("lora",),
+    "linmu_flex_ma": ("flex_ma",),
+    "linmu_local_swin": ("flex_ma", "local_swin"),
+    "linmu_lora": ("flex_ma", "local_swin", "lora"),
 }
 LORA_NAMES = ("lora_a", "lora_b")
 
@@ -51,13 +58,18 @@ def _matches(group: str, path: tuple, block_pattern: tuple) -> bool:
         return kind == "linear_attention" and part == "mixer" and path[-1] not in LORA_NAMES
     if group == "attention_mixers":
         return kind in ("sliding_attention", "full_attention") and part == "mixer" and path[-1] not in LORA_NAMES
+    if group in ("flex_ma", "local_swin"):
+        branch = ("flex_ma", "mix_proj") if group == "flex_ma" else ("local_swin",)
+        return (kind in MMATE_TYPES and part == "mixer" and len(path) > 5 and path[5] in branch
+                and path[-1] not in LORA_NAMES)
     if group == "mlps":
         return part == "mlp" and path[-1] not in LORA_NAMES
     if group == "lora":
         return path[-1] in LORA_NAMES
     if group == "all":
         return path[-1] not in LORA_NAMES
-    raise ValueError(f"unknown trainable group {group!r}; groups: gdn_mixers, attention_mixers, mlps, lora, all")
+    raise ValueError(f"unknown trainable group {group!r}; groups: gdn_mixers, attention_mixers, flex_ma, "
+                     "local_swin, mlps, lora, all")
 
 
 def trainable_mask(params: nnx.State, block_pattern: Sequence[str], groups: Sequence[str]) -> nnx.State:

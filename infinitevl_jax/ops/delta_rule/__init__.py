@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_walk_states
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
@@ -64,11 +65,7 @@ def _check_shapes(q, k, v, g, beta, initial_state, segment_ids):
         raise ValueError(
             f"initial_state must be [batch, heads, d_k, d_v] = {(batch, heads, d_k, v.shape[-1])}; "
             f"got {initial_state.shape}")
-    if segment_ids is not None:
-        if segment_ids.shape != (batch, seq_len):
-            raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}; got {segment_ids.shape}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+    check_segment_ids(segment_ids, batch, seq_len)
     if seq_len == 0:
         raise ValueError("gated_delta_rule needs at least one token (time axis has length 0)")
 
