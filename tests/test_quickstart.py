@@ -5,7 +5,8 @@ three stages.
 CI runs a shortened curriculum through the real command (every stage, its checkpoint links,
 evaluation, the results table and the resume-skips-finished-stages path). The full-length run,
 whose student must keep at least 90% of the teacher's accuracy, is marked ``slow``:
-``python -m pytest -q -m slow tests`` (21 minutes on 2 CPU cores with 8 simulated devices).
+``python -m pytest -q -m slow tests`` (21 minutes on 2 CPU cores with 8 simulated devices; the LinMU
+one 24 minutes).
 """
 
 from __future__ import annotations
