@@ -7,6 +7,7 @@ conversations, 8 simulated devices) and the subprocess runs use the real ``infin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,9 +22,13 @@ import pytest
 from flax import nnx
 
 from infinitevl_jax.config import load_config
-from infinitevl_jax.convert.pretrained import load_pretrained
+from infinitevl_jax.convert.pretrained import load_pretrained, save_run
+from infinitevl_jax.models.config import VisionLanguageConfig
+from infinitevl_jax.models.vlm import VisionLanguageModel
 from infinitevl_jax.train import checkpoint as ckpt
+from infinitevl_jax.train import loop
 from infinitevl_jax.train.loop import train
+from infinitevl_jax.train.step import stage_defaults
 from infinitevl_jax.train.observe import TENSORBOARD_DIR, read_metrics
 
 STEPS = 24
@@ -211,3 +216,24 @@ def test_bad_run_settings_are_clear_errors(tmp_path, conversations):
     config.train.loss = "logit_kl"
     with pytest.raises(ValueError, match="teacher.checkpoint"):
         train(config, str(tmp_path / "b"), progress=False)
+
+
+def test_a_student_of_its_own_teacher_reads_the_checkpoint_once(tmp_path, conversations, monkeypatch):
+    teacher_cfg = VisionLanguageConfig.from_config(load_config("tiny"))
+    teacher_cfg = dataclasses.replace(teacher_cfg, vision=None, decoder=dataclasses.replace(
+        teacher_cfg.decoder, layer_types=("full_attention",) * 8))
+    save_run(VisionLanguageModel(teacher_cfg, rngs=nnx.Rngs(0)), str(tmp_path / "teacher"))
+    reads = []
+    monkeypatch.setattr(loop, "load_pretrained", lambda path, **kw: reads.append(path) or load_pretrained(path, **kw))
+    config = load_config(config_file(tmp_path, conversations))
+    config.train = stage_defaults("distill_e2e")
+    config.train.dtype = "float32"
+    config.init.checkpoint = str(tmp_path / "teacher")
+    config.init.student.enabled = True
+    config.init.student.sliding_window = 16
+    config.run.num_steps = 1
+    assert loop.train(config, str(tmp_path / "student"), progress=False).step == 1
+    assert reads == [str(tmp_path / "teacher")]  # the teacher is the student's source
+    config.train.param_dtype = "bfloat16"  # the source must match the student's master weights: a second read
+    assert loop.train(config, str(tmp_path / "student_bf16"), progress=False).step == 1
+    assert reads[1:] == [str(tmp_path / "teacher")] * 2

@@ -126,15 +126,27 @@ def planned_model_config(config: ml_collections.ConfigDict, saved: Mapping | Non
     return _model_config(config, cfg)
 
 
-def initial_model(config: ml_collections.ConfigDict, cfg: VisionLanguageConfig, mesh) -> nnx.Module:
+def teacher_is_init(config: ml_collections.ConfigDict, teacher: nnx.Module | None) -> bool:
+    """Whether ``teacher`` holds exactly the weights a fresh run loads from ``init.checkpoint``
+    (a student built from its own teacher, as precise as the stage's master weights), so the
+    checkpoint need not be read twice."""
+    init = config.init
+    return (teacher is not None and bool(init.checkpoint) and init.student.enabled
+            and config.teacher.checkpoint in ("", init.checkpoint) and config.teacher.step == init.step
+            and teacher.cfg.decoder.param_dtype == config.train.param_dtype)
+
+
+def initial_model(config: ml_collections.ConfigDict, cfg: VisionLanguageConfig, mesh,
+                  teacher: nnx.Module | None = None) -> nnx.Module:
     """The model a fresh run starts from (``config.init``; ``cfg`` from ``planned_model_config``),
-    LoRA adapters added, on ``mesh``."""
+    LoRA adapters added, on ``mesh``. ``teacher``: the stage's loaded teacher, reused as the
+    source when it is ``init.checkpoint`` itself (``teacher_is_init``)."""
     init = config.init
     if not init.checkpoint:
         model = random_model(cfg, seed=init.seed, mesh=mesh)
     else:
-        source = load_pretrained(init.checkpoint, dtype=config.train.dtype, param_dtype=config.train.param_dtype,
-                                 mesh=mesh, step=init.step)
+        source = teacher if teacher_is_init(config, teacher) else load_pretrained(
+            init.checkpoint, dtype=config.train.dtype, param_dtype=config.train.param_dtype, mesh=mesh, step=init.step)
         if init.student.enabled:
             source = student_from_teacher(source, cfg, seed=init.student.seed, mesh=mesh)
         # the stage's remat policy: the same parameters in another graph
@@ -204,7 +216,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, *, progress: bool = T
         cleanup.callback(_close_iterator, iterator)
         teacher = load_teacher(config, mesh)
         if latest is None:
-            model = initial_model(config, model_cfg, mesh)
+            model = initial_model(config, model_cfg, mesh, teacher)
             if jax.process_index() == 0:
                 ckpt.write_run_config(run_dir, resolved)
         else:
