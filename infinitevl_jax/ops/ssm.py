@@ -59,27 +59,19 @@ only), and the returned final state is the state after token 0.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.chunk_math import matmul_dtype_for
+from infinitevl_jax.ops.chunk_math import mm as _mm
+from infinitevl_jax.ops.chunk_math import pad_time as _pad_time
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule import segment_resets
 
 IMPLS = ("recurrent", "chunked")
 CHUNK_SIZE = 64
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["ssd_scan", "ssd_step", "IMPLS", "CHUNK_SIZE"]
-
-
-def _mm(spec, *operands, dtype=jnp.float32):
-    """einsum with float32 results: float32 operands at HIGHEST precision, or operands cast to a
-    16-bit ``dtype`` with float32 accumulation."""
-    if dtype == jnp.float32:
-        return jnp.einsum(spec, *operands, precision=_HIGHEST)
-    return jnp.einsum(spec, *(x.astype(dtype) for x in operands), preferred_element_type=jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,11 +140,12 @@ def _token_update(state, x_t, dt_t, a, b_t, c_t):
     return state, _mm("bhnp,bhn->bhp", state, c_t)
 
 
-def _recurrent_scan(x, dt, a, b, c, initial_state, reset, chunk_size=None):
+def _recurrent_scan(x, dt, a, b, c, initial_state, reset, chunk_size=None, matmul_dtype=None):
     """Token-serial scan. x ``[B, T, H, P]``, dt ``[B, T, H]``, a ``[H]``, b/c ``[B, T, H, N]``,
-    initial_state ``[B, H, N, P]``, reset ``[B, T]`` bool; all float32. ``chunk_size`` is unused.
+    initial_state ``[B, H, N, P]``, reset ``[B, T]`` bool; all float32. ``chunk_size`` and
+    ``matmul_dtype`` are unused (the token recurrence is float32 throughout).
     Returns y ``[B, T, H, P]`` and the final state."""
-    del chunk_size
+    del chunk_size, matmul_dtype
 
     def step(state, xs):
         x_t, dt_t, b_t, c_t, r_t = xs
@@ -162,12 +155,6 @@ def _recurrent_scan(x, dt, a, b, c, initial_state, reset, chunk_size=None):
     time_major = [jnp.moveaxis(v, 1, 0) for v in (x, dt, b, c, reset)]
     final_state, y = jax.lax.scan(step, initial_state, time_major)
     return jnp.moveaxis(y, 0, 1), final_state
-
-
-def _pad_time(v, pad):
-    widths = [(0, 0)] * v.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(v, widths)
 
 
 def _chunked_scan(x, dt, a, b, c, initial_state, reset, chunk_size=CHUNK_SIZE, matmul_dtype=jnp.float32):
@@ -267,10 +254,8 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, segment_ids=None, reverse=Fa
         if segment_ids is not None:
             segment_ids = jnp.flip(segment_ids, axis=1)
     reset = segment_resets(segment_ids, seq_len, batch)
-    if fn is _chunked_scan:  # 16-bit inputs: 16-bit matmul operands, float32 accumulation (FLA's choice)
-        fn = functools.partial(fn, matmul_dtype=x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32)
     y, final_state = fn(x32, dt32, A.astype(jnp.float32), b32, c32, initial_state.astype(jnp.float32), reset,
-                        chunk_size)
+                        chunk_size, matmul_dtype_for(x.dtype))
     if reverse:
         y = jnp.flip(y, axis=1)
     return y.astype(x.dtype), final_state

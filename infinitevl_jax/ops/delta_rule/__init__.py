@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_walk_states
@@ -111,6 +112,5 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
     reset = segment_resets(segment_ids, seq_len, batch)
-    matmul_dtype = v.dtype if v.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset, matmul_dtype)
+    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset, matmul_dtype_for(v.dtype))
     return o.astype(v.dtype), final_state

@@ -36,24 +36,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.chunk_math import mm as _mm
+from infinitevl_jax.ops.chunk_math import pad_time as _pad_time
 from infinitevl_jax.ops.delta_rule.triangular import unit_lower_inverse
 
 CHUNK_SIZE = 64
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mm(spec, *operands, dtype=jnp.float32):
-    """einsum with float32 results: float32 operands at HIGHEST precision, or operands cast to a
-    16-bit ``dtype`` (tensor-core rate) with float32 accumulation."""
-    if dtype == jnp.float32:
-        return jnp.einsum(spec, *operands, precision=_HIGHEST)
-    return jnp.einsum(spec, *(x.astype(dtype) for x in operands), preferred_element_type=jnp.float32)
-
-
-def _pad_time(x, pad):
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(x, widths)
 
 
 class ChunkTerms(NamedTuple):
