@@ -34,6 +34,12 @@ def device_description() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')} ({platform.processor() or platform.machine()}, jax {jax.__version__})"
 
 
+def device_memory_bytes(stat: str) -> int | None:
+    """One of the first device's ``memory_stats()`` (e.g. ``peak_bytes_in_use``); None where the
+    backend keeps none (CPU)."""
+    return (jax.devices()[0].memory_stats() or {}).get(stat)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))

@@ -43,8 +43,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import model_worker_args, rows_until_oom, run_if_worker
-from benchmarks.inference_gpu import _peak_bytes, build_model
+from benchmarks.common import device_memory_bytes, model_worker_args, rows_until_oom, run_if_worker
+from benchmarks.inference_gpu import build_model
 from infinitevl_jax.models.config import mmate_layer_types
 
 TEXT_BEFORE, TEXT_AFTER = 16, 32  # text tokens before and after the video run
@@ -99,7 +99,7 @@ def measure_context(engine, context: int, grid: tuple[int, int], iters: int) -> 
                 first_call_s=first_call_s, ttft_ms=ttft * 1e3, times_ms=[t * 1e3 for t in times],
                 prefill_tokens_per_s=context / ttft, prefill_programs=engine.compile_counts()["prefill"],
                 logits_finite=bool(np.isfinite(logits).all()), cache_bytes=cache_size,
-                peak_bytes_so_far=_peak_bytes())
+                peak_bytes_so_far=device_memory_bytes("peak_bytes_in_use"))
 
 
 def worker(args) -> dict:
@@ -112,7 +112,7 @@ def worker(args) -> dict:
     kind = args.worker
     preset, overrides = (SMOKE_MODELS if args.smoke else MODELS)[kind]
     start = time.perf_counter()
-    decoder = build_model(preset, overrides)
+    decoder = DecoderEngine(build_model(preset, overrides)).decoder  # unstacked once on GPU, shared by the engines
     jax.block_until_ready(nnx.state(decoder))
     build_s = time.perf_counter() - start
     rows = rows_until_oom(kind, args.contexts, lambda context: measure_context(

@@ -85,6 +85,24 @@ def test_uneven_prefill_chunks_equal_full_forward(hybrid, ids):
     np.testing.assert_allclose(pieces, full, atol=2e-5 * np.abs(full).max(), rtol=0)
 
 
+def test_unstacked_decoder_matches_float64_reference(hybrid, ids):
+    """``Decoder.unstacked`` (separate blocks, unrolled: the GPU inference form) computes the same
+    function, whole and in cached pieces, and copies the block weights instead of sharing them."""
+    cfg, model = hybrid
+    unstacked = model.unstacked()
+    assert isinstance(unstacked.blocks, nnx.List) and len(unstacked.blocks) == cfg.num_blocks
+    assert not isinstance(model.blocks, nnx.List) and unstacked.unstacked() is unstacked
+    assert unstacked.embed_tokens[...] is model.embed_tokens[...]
+    ref = decoder_logits_ref(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, ids)
+    tolerance = dict(atol=2e-5 * np.abs(ref).max(), rtol=0)
+    np.testing.assert_allclose(np.asarray(full_forward(unstacked, ids)), ref, **tolerance)
+    pieces, cache = run_in_pieces(unstacked, ids, [5, 17, 1, 2, 15])
+    np.testing.assert_allclose(pieces, ref, **tolerance)
+    assert jax.tree.map(lambda a: a.shape, cache) == jax.tree.map(lambda a: a.shape, model.init_cache(2))
+    stacked_q = model.blocks.layers[1].mixer.q_proj.kernel[...]
+    np.testing.assert_array_equal(unstacked.blocks[1].layers[1].mixer.q_proj.kernel[...], stacked_q[1])
+
+
 def test_cache_size_does_not_grow(hybrid, ids):
     _, model = hybrid
     empty = model.init_cache(2)

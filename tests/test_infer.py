@@ -110,13 +110,17 @@ def full_logits(model, ids):
     return model(ids)[0]
 
 
+@pytest.mark.parametrize("unroll_layers", [False, True], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("layer_types", [None, ("full_attention",) * 2], ids=["hybrid", "teacher"])
-def test_incremental_decoding_equals_full_forward(layer_types):
+def test_incremental_decoding_equals_full_forward(layer_types, unroll_layers):
     """Prefill 37 tokens in chunks of 16, decode 20 greedily (the 16-token window wraps): every
-    generated token is the argmax of the full forward over prompt + generated tokens."""
+    generated token is the argmax of the full (scanned) forward over prompt + generated tokens,
+    whether the engine scans the stacked blocks or runs them unstacked and unrolled (GPU's way)."""
     decoder = tiny_decoder() if layer_types is None else tiny_decoder(layer_types=layer_types)
     prompt = np.random.default_rng(2).integers(0, 512, (1, 37)).astype(np.int32)
-    engine = DecoderEngine(decoder, chunk_size=16)
+    engine = DecoderEngine(decoder, chunk_size=16, unroll_layers=unroll_layers)
+    assert isinstance(engine.decoder.blocks, nnx.List) == unroll_layers
+    assert not isinstance(decoder.blocks, nnx.List)  # the caller's decoder stays stacked
     positions = np.broadcast_to(np.arange(37, dtype=np.int32), (3, 1, 37))
     logits, cache = engine.prefill(decoder.init_cache(1, 60), positions, input_ids=prompt)
     result = generate_tokens(engine, cache, logits, [37], [0], max_new_tokens=20, key=jax.random.key(0))
@@ -127,6 +131,25 @@ def test_incremental_decoding_equals_full_forward(layer_types):
     top2 = np.sort(full[36:], -1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-4  # no near-tie: the equality above is meaningful
     assert int(result.cache.index) == 37 + 19 and result.finish_reasons == ["length"]
+
+
+@pytest.mark.parametrize("unroll_layers", [False, True], ids=["scanned", "unrolled"])
+def test_reload_weights_takes_the_source_decoders_current_weights(unroll_layers):
+    decoder = tiny_decoder()
+    engine = DecoderEngine(decoder, chunk_size=16, unroll_layers=unroll_layers)
+    prompt = np.random.default_rng(5).integers(0, 512, (1, 9)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(9, dtype=np.int32), (3, 1, 9))
+    prefill = lambda: np.asarray(engine.prefill(decoder.init_cache(1), positions, input_ids=prompt)[0])
+    before = prefill()
+    layer = decoder.blocks.layers[1].mlp.down_proj.kernel
+    layer[...] = layer[...] * 3.0
+    if unroll_layers:  # its own copy of the old weights (a scanned engine shares the decoder's arrays)
+        np.testing.assert_array_equal(prefill(), before)
+    engine.reload_weights()
+    expected = np.asarray(full_logits(decoder, jnp.asarray(prompt)))[0, -1]
+    np.testing.assert_allclose(prefill()[0], expected, atol=2e-5 * np.abs(expected).max())
+    assert np.abs(expected - before[0]).max() > 1e-3  # the change is visible
+    assert engine.compile_counts()["prefill"] == 1
 
 
 def test_decode_compiles_once_and_cache_size_is_constant():

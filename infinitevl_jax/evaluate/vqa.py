@@ -25,7 +25,6 @@ import time
 import weakref
 from typing import Iterator, Sequence
 
-from flax import nnx
 from tqdm import tqdm
 
 from infinitevl_jax.evaluate.datasets import EvalSample
@@ -76,7 +75,9 @@ def engine_for(model, chunk_size: int = 4096) -> DecoderEngine:
     decoder = model.language_model
     engine = _ENGINES.get(decoder)
     if engine is None or engine.chunk_size != chunk_size:
-        engine = _ENGINES[decoder] = DecoderEngine(decoder, chunk_size=chunk_size)
+        # scanned: evaluation runs between training steps, where a second copy of the weights
+        # (an unrolled engine's) would cost memory and a copy at every evaluation
+        engine = _ENGINES[decoder] = DecoderEngine(decoder, chunk_size=chunk_size, unroll_layers=False)
     return engine
 
 
@@ -125,10 +126,10 @@ def _ready_engine(model, engine: DecoderEngine | None, chunk_size: int) -> Decod
     """``engine`` (checked to belong to ``model``) or ``engine_for(model)``, with the model's current weights."""
     if engine is None:
         engine = engine_for(model, chunk_size)
-    elif engine.decoder is not model.language_model:
+    elif engine.source is not model.language_model:
         raise ValueError("engine was built for another model's decoder; build one with "
                          "DecoderEngine(model.language_model) or pass engine=None")
-    engine.params = nnx.state(model.language_model)  # the weights as they are now (same tree: no recompilation)
+    engine.reload_weights()  # the weights as they are now (same tree: no recompilation)
     return engine
 
 

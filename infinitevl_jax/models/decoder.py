@@ -5,7 +5,8 @@ a ``SelfAttention`` (sliding or full), a ``GatedDeltaNet`` or LinMU's ``MMate`` 
 ``layer_types``.
 Layers are grouped into ``num_blocks`` identical blocks of ``block_pattern`` (e.g. [SWA, GDN,
 GDN, GDN]); the blocks' parameters are stacked on a leading axis and run with ``lax.scan``
-(optionally rematerialised), so compile time does not grow with depth.
+(optionally rematerialised), so compile time does not grow with depth. ``Decoder.unstacked``
+gives the inference form: separate blocks, unrolled (see ``DecoderEngine``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from infinitevl_jax.models.gated_deltanet import GatedDeltaNet, init_gated_delta
 from infinitevl_jax.models.layers import RMSNorm, SwiGLU
 from infinitevl_jax.models.mmate import MMate, init_mmate_cache
 from infinitevl_jax.models.sliding_attention import SelfAttention, init_kv_cache
-from infinitevl_jax.models.stacking import scan_stacked, stacked
+from infinitevl_jax.models.stacking import run_unrolled, scan_stacked, scan_stacked_updating, stacked, unstack
 from infinitevl_jax.models.vision_runs import VisionRuns, vision_runs
 from infinitevl_jax.ops.rope import rope_cos_sin
 
@@ -138,6 +139,18 @@ class Decoder(nnx.Module):
             raise ValueError(f"left_padding must have one entry per row, shape ({batch},); got {start.shape}")
         return DecoderCache(layers=stacked, index=jnp.zeros((), jnp.int32), start=start)
 
+    def unstacked(self) -> "Decoder":
+        """This decoder with its blocks as ``num_blocks`` separate modules run by a Python loop
+        (``stacking.unstack``): the same function, faster decoding on GPU, slower compiles. The
+        block parameters are copied (the decoder's memory for them doubles while both exist);
+        everything else is shared. For inference: training code expects the stacked blocks."""
+        if isinstance(self.blocks, nnx.List):
+            return self
+        graphdef, state = nnx.split(self)
+        copy = nnx.merge(graphdef, state)  # new module objects around the same arrays
+        copy.blocks = unstack(self.blocks)
+        return copy
+
     def embed(self, input_ids):
         """``[B, T]`` ids -> ``[B, T, D]`` embeddings in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
@@ -189,8 +202,14 @@ class Decoder(nnx.Module):
 
         step = lambda block, h, caches: block(h, cos, sin, caches=caches, span=span, segment_ids=segment_ids,
                                               runs=runs)
-        x, layer_caches = scan_stacked(self.blocks, step, x, None if cache is None else cache.layers, cfg.remat)
-        new_cache = None if cache is None else DecoderCache(layer_caches, index + span.valid_len, cache.start)
+        layers = None if cache is None else cache.layers
+        if isinstance(self.blocks, nnx.List):
+            x, layers = run_unrolled(self.blocks, step, x, layers)
+        elif cache is None:
+            x, _ = scan_stacked(self.blocks, step, x, None, cfg.remat)
+        else:
+            x, layers = scan_stacked_updating(self.blocks, step, x, layers, cfg.remat)
+        new_cache = None if cache is None else DecoderCache(layers, index + span.valid_len, cache.start)
         return self.norm(x), new_cache
 
     @staticmethod

@@ -12,6 +12,26 @@ import numpy as np
 from flax import nnx
 
 
+MIN_MATMUL_ROWS = 8
+
+
+def matmul_min_rows(x, kernel):
+    """``x @ kernel`` for ``x`` ``[..., in]``, with fewer than ``MIN_MATMUL_ROWS`` rows zero-padded
+    to that many (and cut back): same values, but it stays a matmul on GPU.
+
+    XLA's GPU compiler rewrites a matmul with rows * in * out < 1e7 (a decode step's one-row
+    projections) as an elementwise bf16 multiply (products rounded to bf16, materialised) and a
+    reduction, which streamed the weights at ~1 TB/s on an H200 against ~3.3 TB/s for its GEMM
+    kernels (benchmarks/decode_profile_gpu); eight rows keep the projections of a 2048-wide
+    model above that threshold, so they run as GEMMs with float32 accumulation.
+    """
+    rows = int(np.prod(x.shape[:-1]))
+    if rows >= MIN_MATMUL_ROWS:
+        return jnp.dot(x, kernel)
+    flat = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
+    return jnp.dot(flat, kernel)[:rows].reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel ``[in, out]`` (PyTorch Linear weight transposed)."""
 
@@ -25,7 +45,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul_min_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

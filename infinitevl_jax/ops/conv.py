@@ -74,6 +74,12 @@ def causal_conv1d(x, weight, *, cache=None, segment_ids=None, valid_len=None):
     width = weight.shape[0]
     if cache is None:
         cache = init_conv_cache(batch, width, channels, x.dtype)
+    else:
+        # XLA on GPU turns a one-row matmul into multiply + reduce and would fuse that reduce
+        # into the concatenation below, a fusion it emits one output element per thread: a
+        # decode step's q/k/v projections then took 143 us per 8 MB weight on an H200
+        # (benchmarks/decode_profile_gpu). The barrier keeps the producer a fusion of its own.
+        x = jax.lax.optimization_barrier(x)
     padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
     source = padded.astype(jnp.float32)
     w = weight.astype(jnp.float32)

@@ -8,6 +8,10 @@ Per head, with state ``S`` of shape ``[K, V]`` (float32) and, for every token t:
     S  <- S + k_t u^T
     o_t = S^T (scale * q_t)
 
+The two state-vector products are float32 multiply + sum, not dots: as a dot, XLA's GPU layout
+assignment stored the decode cache's stacked states transposed, and every layer's slice of them
+was then a strided copy (benchmarks/decode_profile_gpu).
+
 Memory under reverse-mode autodiff is one state per token (``T * K * V`` floats per head): use
 this impl for decoding and short sequences, and ``chunked`` for training.
 """
@@ -16,9 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=None):
     """Sequential gated delta rule.
@@ -39,10 +40,10 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, ma
         q_t, k_t, v_t, g_t, b_t, r_t = xs  # [B,H,K] [B,H,K] [B,H,V] [B,H] [B,H] [B]
         state = jnp.where(r_t[:, None, None, None], 0.0, state)
         state = state * jnp.exp(g_t)[..., None, None]
-        prediction = jnp.einsum("bhkv,bhk->bhv", state, k_t, precision=_HIGHEST)
+        prediction = jnp.sum(state * k_t[..., :, None], axis=-2)  # S^T k
         update = b_t[..., None] * (v_t - prediction)
         state = state + k_t[..., :, None] * update[..., None, :]
-        o_t = jnp.einsum("bhkv,bhk->bhv", state, q_t * scale, precision=_HIGHEST)
+        o_t = jnp.sum(state * (q_t * scale)[..., :, None], axis=-2)  # S^T (scale q)
         return state, o_t
 
     time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, reset)]

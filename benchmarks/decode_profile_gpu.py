@@ -1,0 +1,210 @@
+"""Where the inference time goes: device kernels of a decode step, a prefill chunk and a streamed frame.
+
+    python -m benchmarks.decode_profile_gpu [--context 4096] [--steps 16] [--out FILE] [--hlo-dir DIR]
+    python -m benchmarks.decode_profile_gpu --smoke     # tiny presets, any backend
+
+For the hybrid (InfiniteVL-4B preset) and the teacher (Qwen2.5-VL-3B preset), random bf16 weights,
+batch 1, a ``--context``-token text prompt prefilled first. Each workload runs untraced for its
+wall time, then under ``jax.profiler.trace``; the trace's device events (kernels on GPU, XLA ops on
+CPU) are summed by kernel name, per call:
+
+- ``decode``: one ``DecoderEngine.decode_step`` (greedy), both models;
+- ``prefill_chunk``: one ``--chunk``-token prefill chunk on the constant cache (hybrid);
+- ``frame``: one 448x448 frame through ``StreamingSession.push_frame`` (ViT + its 256-token chunk).
+
+Per workload it prints wall ms, device-busy ms (the sum of kernel times), kernels per call and the
+top kernels; ``--hlo-dir`` also writes the compiled decode step's HLO text (fusion names in the
+table are its instruction names). Wall well above busy time means launch or host overhead; busy
+time well above the bandwidth floor (parameter bytes / HBM bandwidth for a decode step) means slow
+kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.inference_gpu import MODELS, SMOKE_MODELS, build_model
+
+TOP_KERNELS = 25
+
+
+def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
+    """``(hlo_op, kernel name, ns)`` of every device event in the trace under ``trace_dir``. GPU:
+    kernel events of the device planes' stream lines; CPU: XLA op events of the host's XLA threads."""
+    import jax
+
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    events = []
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        on_gpu = plane.name.startswith("/device:GPU")
+        if not (on_gpu or plane.name == "/host:CPU"):
+            continue
+        for line in plane.lines:
+            if on_gpu and not line.name.startswith("Stream"):
+                continue  # the "XLA Modules"/"XLA Ops" lines span the same kernels
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" in stats:
+                    events.append((str(stats["hlo_op"]), event.name, event.duration_ns))
+    return events
+
+
+def profile(name: str, run, calls: int) -> dict:
+    """Wall ms per call of ``run()`` (which blocks), then its device kernels per call under a trace."""
+    import jax
+
+    run()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    wall_ms = (time.perf_counter() - start) / calls * 1e3
+    trace_dir = tempfile.mkdtemp(prefix=f"profile_{name}_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            run()
+    events = device_events(trace_dir)
+    by_kernel = collections.defaultdict(lambda: [0.0, 0])
+    for op, kernel, ns in events:  # XLA's command buffers (CUDA graphs) name many kernels one hlo_op
+        entry = by_kernel[kernel]
+        entry[0] += ns
+        entry[1] += 1
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    busy_ms = sum(ns for _, _, ns in events) / calls / 1e6
+    return dict(workload=name, wall_ms=wall_ms, busy_ms=busy_ms, kernels_per_call=len(events) / calls,
+                top=[dict(kernel=kernel[:90], us_per_call=ns / calls / 1e3, launches_per_call=n / calls)
+                     for kernel, (ns, n) in top])
+
+
+def parameter_bytes(module) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
+    import jax
+    from flax import nnx
+
+    from infinitevl_jax.infer import DecoderEngine, SamplingConfig
+
+    streaming = kind == "hybrid" and args.frames
+    preset, overrides = SMOKE_MODELS[kind] if args.smoke else (MODELS[kind], [])
+    model = build_model(preset, overrides, with_vision=streaming)
+    engine = DecoderEngine(model.language_model if streaming else model, chunk_size=args.chunk)
+    decoder = engine.decoder  # one copy of the weights: the engine's (unstacked on GPU)
+    if streaming:
+        model.language_model = decoder
+    full_attention = "full_attention" in decoder.cfg.layer_types
+    context = args.context
+    ids = np.random.default_rng(0).integers(0, decoder.cfg.vocab_size, (1, context)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(context, dtype=np.int32), (3, 1, context))
+    cache = decoder.init_cache(1, context + 4 * args.steps + 8 if full_attention else None)
+    logits, cache = engine.prefill(cache, positions, input_ids=ids, donate=True)
+    greedy = SamplingConfig()
+    state = dict(cache=cache, tokens=engine.sample(logits, None, greedy), counts=np.array([context], np.int32),
+                 key=jax.random.key(0))
+    deltas = np.zeros(1, np.int32)
+
+    def decode(block=True):
+        s = state
+        s["tokens"], s["counts"], s["key"], s["cache"] = engine.decode_step(s["cache"], s["tokens"], s["counts"],
+                                                                            deltas, s["key"], greedy)
+        if block:
+            jax.block_until_ready(s["tokens"])
+
+    decode()  # compiles
+    start = time.perf_counter()  # back to back, as benchmarks/inference_gpu times them
+    for _ in range(args.steps):
+        decode(block=False)
+    jax.block_until_ready(state["tokens"])
+    back_to_back_ms = (time.perf_counter() - start) / args.steps * 1e3
+    rows = [profile("decode", decode, args.steps)]
+    rows[-1]["back_to_back_ms"] = back_to_back_ms
+    rows[-1].update(parameter_bytes=parameter_bytes(decoder), unrolled=isinstance(decoder.blocks, nnx.List))
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        zeros = np.zeros((1,), np.int32)
+        text = engine._decode.lower(greedy, None, engine.params, state["cache"], zeros, zeros, zeros,
+                                    jax.random.key(0)).compile().as_text()
+        with open(os.path.join(hlo_dir, f"{kind}_decode_step.hlo.txt"), "w") as f:
+            f.write(text)
+    if kind != "hybrid":
+        return [dict(model=kind, **r) for r in rows]
+
+    chunk_ids = ids[:, :args.chunk] if context >= args.chunk else np.resize(ids, (1, args.chunk))
+    chunk_positions = np.broadcast_to(np.arange(args.chunk, dtype=np.int32), (3, 1, args.chunk))
+
+    def prefill_chunk():
+        logits, state["cache"] = engine.prefill(state["cache"], chunk_positions + int(state["counts"][0]),
+                                                input_ids=chunk_ids, donate=True)
+        jax.block_until_ready(logits)
+
+    rows.append(profile("prefill_chunk", prefill_chunk, 3))
+    if streaming:
+        from infinitevl_jax.data.tokenizer import ByteTokenizer
+        from infinitevl_jax.infer import StreamingSession
+
+        frame_engine = DecoderEngine(decoder, chunk_size=max(64, (args.frame_size // 28) ** 2), min_bucket=64)
+        session = StreamingSession(model, ByteTokenizer(), engine=frame_engine, frame_size=args.frame_size)
+        frame = np.random.default_rng(1).integers(0, 256, (args.frame_size, args.frame_size, 3), dtype=np.uint8)
+        clock = iter(range(10 ** 6))
+
+        def push_frame():
+            session.push_frame(frame, next(clock) / 2)
+            session.synchronize()
+
+        for _ in range(2):
+            push_frame()
+        rows.append(profile("frame", push_frame, args.frames))
+    return [dict(model=kind, **r) for r in rows]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=8192, help="hybrid prefill chunk (tokens)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps profiled")
+    parser.add_argument("--frames", type=int, default=8, help="streamed frames profiled (0: skip)")
+    parser.add_argument("--frame-size", type=int, default=448)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--hlo-dir", default=None, help="write the compiled decode steps' HLO text here")
+    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/decode_profile_gpu.json; "
+                                                    "--smoke: a temporary file)")
+    parser.add_argument("--smoke", action="store_true", help="tiny presets and sizes; runs on the CPU")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.context, args.chunk, args.steps, args.frames, args.frame_size = 64, 64, 2, 1, 112
+
+    from benchmarks.common import device_description, print_table, require_gpu, write_json
+
+    require_gpu(args.smoke)
+    device = device_description()
+    print(f"device: {device}")
+    rows = []
+    for kind in args.models:
+        rows += profile_model(kind, args, args.hlo_dir)
+    print()
+    print_table(rows, ["model", "workload", "wall_ms", "busy_ms", "kernels_per_call"])
+    print("decode back to back (ms per token):", {r["model"]: round(r["back_to_back_ms"], 3) for r in rows
+                                                  if r["workload"] == "decode"})
+    for r in rows:
+        print(f"\n{r['model']} {r['workload']}: top kernels")
+        print_table(r["top"], ["kernel", "us_per_call", "launches_per_call"])
+    out = args.out or (os.path.join(tempfile.gettempdir(), "decode_profile_gpu_smoke.json") if args.smoke
+                       else "benchmarks/results/decode_profile_gpu.json")
+    write_json(out, dict(benchmark="decode_profile_gpu", device=device, smoke=args.smoke,
+                         settings=dict(context=args.context, chunk=args.chunk, steps=args.steps, frames=args.frames,
+                                       frame_size=args.frame_size, dtype="bfloat16 params and compute"),
+                         rows=rows))
+
+
+if __name__ == "__main__":
+    main()
