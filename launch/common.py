@@ -15,6 +15,7 @@ launcher runs on a laptop or a login node that only has Python 3.10+ and gcloud 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -258,16 +259,33 @@ class Interrupts:
         self._on_first, self._on_second = on_first, on_second
         self.count = 0
         self._saved: dict[int, object] = {}
+        self._deferring = False
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.count += 1
-        if self.count == 1:
+        if not self._deferring:
+            self._act(self.count)
+
+    def _act(self, count: int) -> None:
+        if count == 1:
             print("\n# stop requested: asking every trainer to save a checkpoint and exit "
                   "(Ctrl-C again to kill the local processes)", file=sys.stderr, flush=True)
             threading.Thread(target=self._on_first, daemon=True).start()
         else:
             print("\n# second interrupt: terminating the local processes", file=sys.stderr, flush=True)
             self._on_second()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals inside are counted but acted on only when the block ends (while the children
+        are being started: a stop must reach every one of them, not only those already up)."""
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+            for count in range(1, min(self.count, 2) + 1):
+                self._act(count)
 
     def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
@@ -316,27 +334,27 @@ def stream(commands: Sequence[tuple[str, Sequence[str]]], *, log_dir: str | None
             if proc.poll() is None:
                 proc.terminate()
 
+    interrupts = Interrupts(on_interrupt or kill_all, kill_all)
     try:
-        for label, argv in commands:
-            try:
-                proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                        start_new_session=True)
-            except FileNotFoundError as exc:
-                kill_all()
-                raise LaunchError(f"{argv[0]!r} not found on PATH") from exc
-            procs.append(proc)
-            log = None
-            if log_dir:
-                safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", label) or "output"
-                log = open(os.path.join(log_dir, f"{safe}.log"), "a", encoding="utf-8")
-                logs.append(log)
-            thread = threading.Thread(target=_pump, args=(label, proc.stdout, sink, log, lock), daemon=True)
-            thread.start()
-            threads.append(thread)
-
-        interrupts = Interrupts(on_interrupt or kill_all, kill_all)
-        with interrupts:
+        with interrupts:  # from the first start on: a Ctrl-C while starting is a clean stop too
+            with interrupts.deferred():
+                for label, argv in commands:
+                    try:
+                        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                                                start_new_session=True)
+                    except FileNotFoundError as exc:
+                        kill_all()
+                        raise LaunchError(f"{argv[0]!r} not found on PATH") from exc
+                    procs.append(proc)
+                    log = None
+                    if log_dir:
+                        safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", label) or "output"
+                        log = open(os.path.join(log_dir, f"{safe}.log"), "a", encoding="utf-8")
+                        logs.append(log)
+                    thread = threading.Thread(target=_pump, args=(label, proc.stdout, sink, log, lock), daemon=True)
+                    thread.start()
+                    threads.append(thread)
             deadline = None
             while any(proc.poll() is None for proc in procs):
                 if interrupts.count == 1 and deadline is None:

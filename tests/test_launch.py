@@ -442,6 +442,23 @@ def _script(path, text):
     return str(path)
 
 
+def test_interrupts_while_children_start_are_acted_on_once_all_have_started():
+    """A Ctrl-C that lands while ``stream`` is still starting commands (the race a fast trainer's
+    first line can open) is counted, and the stop runs once every command is up."""
+    import signal
+    import threading
+
+    first_ran = threading.Event()
+    seconds = []
+    interrupts = common.Interrupts(first_ran.set, lambda: seconds.append(1))
+    with interrupts.deferred():
+        interrupts._handle(signal.SIGINT, None)
+        assert interrupts.count == 1 and not first_ran.is_set()
+    assert first_ran.wait(5) and seconds == []
+    interrupts._handle(signal.SIGINT, None)  # a second one, not deferred, acts at once
+    assert interrupts.count == 2 and seconds == [1]
+
+
 def test_ctrl_c_forwards_sigterm_over_ssh(tmp_path, monkeypatch):
     monkeypatch.undo()  # local fakes only: no ssh, no real trainer
     trainer = _script(tmp_path / "trainer", FAKE_TRAINER)

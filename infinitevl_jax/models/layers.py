@@ -45,10 +45,15 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = matmul_min_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        return affine(x, self.kernel, self.bias, self.dtype)
+
+
+def affine(x, kernel, bias, dtype):
+    """``x @ kernel (+ bias)`` in ``dtype`` (``matmul_min_rows``); kernel and bias are Params (bias may be None)."""
+    y = matmul_min_rows(x.astype(dtype), kernel[...].astype(dtype))
+    if bias is not None:
+        y = y + bias[...].astype(dtype)
+    return y
 
 
 def rms_normalize(x, eps):

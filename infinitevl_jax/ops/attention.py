@@ -125,22 +125,22 @@ def _blockwise(q, k, v, window, segment_ids, block):
             k_index = jc * block + jnp.arange(block)
             mask = visibility(q_index, k_index, window) & (j >= 0)
             mask = mask[None] & (s_i[:, :, None] == s_j[:, None, :])  # [B, bq, bk]
-            return _online_softmax_step(carry, q_i, k_j, v_j, mask), None
+            return online_softmax_step(carry, q_i, k_j, v_j, mask), None
 
-        carry, _ = jax.lax.scan(key_block, _online_softmax_init(batch, hkv, hq // hkv, block, d), jnp.arange(span))
-        return _online_softmax_finish(carry)
+        carry, _ = jax.lax.scan(key_block, online_softmax_init(batch, hkv, hq // hkv, block, d), jnp.arange(span))
+        return online_softmax_finish(carry)
 
     out = jax.lax.map(query_block, jnp.arange(n))  # [N, B, Hkv, G, bq, D]
-    return _from_query_blocks(out, t).astype(q.dtype)
+    return from_query_blocks(out, t).astype(q.dtype)
 
 
-def _online_softmax_init(batch, hkv, groups, block, d):
+def online_softmax_init(batch, hkv, groups, block, d):
     """Running max, normaliser and weighted sum of values for ``block`` queries, before any key."""
     shape = (batch, hkv, groups, block)
     return (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, d), jnp.float32))
 
 
-def _online_softmax_step(carry, q_blk, k_blk, v_blk, mask):
+def online_softmax_step(carry, q_blk, k_blk, v_blk, mask):
     """Folds one key block into the running softmax (FlashAttention's online rescaling).
 
     carry: ``(m, l, acc)`` with m, l ``[B, Hkv, G, bq]`` and acc ``[B, Hkv, G, bq, D]``; q_blk
@@ -161,13 +161,13 @@ def _online_softmax_step(carry, q_blk, k_blk, v_blk, mask):
     return m_new, l, acc
 
 
-def _online_softmax_finish(carry):
+def online_softmax_finish(carry):
     """``acc / l`` ``[B, Hkv, G, bq, D]``; queries that saw no key get zeros."""
     _, l, acc = carry
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-def _from_query_blocks(out, t):
+def from_query_blocks(out, t):
     """``[N, B, Hkv, G, bq, D]`` per query block -> ``[B, t, Hq, D]`` (padding rows dropped)."""
     n, batch, hkv, groups, block, d = out.shape
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(batch, n * block, hkv * groups, d)
@@ -290,9 +290,9 @@ def _offset_blockwise(q, k, v, query_offset, first_visible, window, block_q, blo
         def key_block(j, carry):
             k_index = j * bk + jnp.arange(bk)
             mask = visibility(q_index, k_index, window)[None] & (k_index[None, None, :] >= first_visible[:, None, None])
-            return _online_softmax_step(carry, qb[:, i], kb[:, j], vb[:, j], mask)
+            return online_softmax_step(carry, qb[:, i], kb[:, j], vb[:, j], mask)
 
-        init = _online_softmax_init(batch, hkv, hq // hkv, bq, d)
-        return _online_softmax_finish(jax.lax.fori_loop(first_key // bk, last_key // bk + 1, key_block, init))
+        init = online_softmax_init(batch, hkv, hq // hkv, bq, d)
+        return online_softmax_finish(jax.lax.fori_loop(first_key // bk, last_key // bk + 1, key_block, init))
 
-    return _from_query_blocks(jax.lax.map(query_block, jnp.arange(nq)), t).astype(q.dtype)
+    return from_query_blocks(jax.lax.map(query_block, jnp.arange(nq)), t).astype(q.dtype)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from infinitevl_jax.ops.attention import (
-    _from_query_blocks,
-    _online_softmax_finish,
-    _online_softmax_init,
-    _online_softmax_step,
+    from_query_blocks,
+    online_softmax_finish,
+    online_softmax_init,
+    online_softmax_step,
 )
 
 IMPLS = ("auto", "dense", "banded")
@@ -81,15 +81,15 @@ def _attend(q, k, v, mask):
     ``mask [B, T, S]`` (one step of the online softmax); ``[B, Hkv, G, T, D]`` float32, zero rows
     where nothing is visible."""
     batch, t, hkv, groups, d = q.shape
-    carry = _online_softmax_init(batch, hkv, groups, t, d)
-    return _online_softmax_finish(_online_softmax_step(carry, q, k, v, mask))
+    carry = online_softmax_init(batch, hkv, groups, t, d)
+    return online_softmax_finish(online_softmax_step(carry, q, k, v, mask))
 
 
 def _dense(q, k, v, meta, text_window):
     mask = local_visibility(meta["q_pos"], meta["k_pos"], meta["q_group"], meta["k_group"],
                             meta["q_segment"], meta["k_segment"], text_window)
     out = _attend(q, k, v, mask)  # [B, Hkv, G, T, D]
-    return _from_query_blocks(out[None], q.shape[1])
+    return from_query_blocks(out[None], q.shape[1])
 
 
 def _banded(q, k, v, meta, text_window, radius, block):
@@ -136,7 +136,7 @@ def _banded(q, k, v, meta, text_window, radius, block):
 
     per_step = max(1, min(n, QUERIES_PER_STEP // block))
     out = jax.lax.map(one_block, xs, batch_size=per_step)  # [N, B, Hkv, G, block, D]
-    return _from_query_blocks(out, t)
+    return from_query_blocks(out, t)
 
 
 def local_attention(q, k, v, *, q_pos, k_pos, q_group, k_group, q_segment, k_segment, text_window: int,

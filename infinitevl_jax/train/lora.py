@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infinitevl_jax.models.layers import Dense
+from infinitevl_jax.models.layers import Dense, affine
 
 
 class LoRADense(nnx.Module):
@@ -40,11 +40,8 @@ class LoRADense(nnx.Module):
         self.scale = alpha / rank
 
     def __call__(self, x):
-        x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+        y = affine(x, self.kernel, self.bias, self.dtype)  # exactly the base map's
+        low = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
         return y + self.scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
 
     def merged_kernel(self) -> jax.Array:
