@@ -21,7 +21,7 @@ def matmul_min_rows(x, kernel):
 
     XLA's GPU compiler rewrites a matmul with rows * in * out < 1e7 (a decode step's one-row
     projections) as an elementwise bf16 multiply (products rounded to bf16, materialised) and a
-    reduction, which streamed the weights at ~1 TB/s on an H200 against ~3.3 TB/s for its GEMM
+    reduction, which streamed the weights at ~0.5 TB/s on an H200 against ~3.2 TB/s for its GEMM
     kernels (benchmarks/decode_profile_gpu); eight rows keep the projections of a 2048-wide
     model above that threshold, so they run as GEMMs with float32 accumulation.
     """

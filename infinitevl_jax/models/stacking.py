@@ -50,10 +50,9 @@ def scan_stacked_updating(blocks: nnx.Module, step: Callable, carry, stacked_sta
     cache) rides in the loop's carry and block i's slice is written back in place
     (``dynamic_update_slice``). Returns ``(carry, new stacked_state)``.
 
-    Same values as ``scan_stacked`` with the state as xs -> ys; but there XLA builds the ys in a
-    second buffer and copies between the two layouts every step (four copies of the whole
-    stacked cache per layer, measured in benchmarks/decode_profile_gpu), while a donated carry
-    is updated where it lies.
+    Same values as ``scan_stacked`` with the state as xs -> ys, but without a second buffer for
+    the ys: a donated carry is updated where it lies (tests/test_infer.py checks that a decode
+    step's scratch stays below its cache's size).
     """
     graphdef, params = nnx.split(blocks)
     count = jax.tree.leaves(params)[0].shape[0]

@@ -8,9 +8,8 @@ Per head, with state ``S`` of shape ``[K, V]`` (float32) and, for every token t:
     S  <- S + k_t u^T
     o_t = S^T (scale * q_t)
 
-The two state-vector products are float32 multiply + sum, not dots: as a dot, XLA's GPU layout
-assignment stored the decode cache's stacked states transposed, and every layer's slice of them
-was then a strided copy (benchmarks/decode_profile_gpu).
+The two state-vector products are float32 multiply + sum rather than dots, so they are exact
+float32 on every backend whatever its default matmul precision.
 
 Memory under reverse-mode autodiff is one state per token (``T * K * V`` floats per head): use
 this impl for decoding and short sequences, and ``chunked`` for training.
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=None):
     """Sequential gated delta rule.
