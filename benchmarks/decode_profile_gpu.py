@@ -35,9 +35,10 @@ from benchmarks.inference_gpu import MODELS, SMOKE_MODELS, build_model
 TOP_KERNELS = 25
 
 
-def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
-    """``(hlo_op, kernel name, ns)`` of every device event in the trace under ``trace_dir``. GPU:
-    kernel events of the device planes' stream lines; CPU: XLA op events of the host's XLA threads."""
+def device_events(trace_dir: str) -> list[tuple[str, float]]:
+    """``(kernel name, ns)`` of every device event (one with an ``hlo_op``) in the trace under
+    ``trace_dir``. GPU: kernel events of the device planes' stream lines; CPU: XLA op events of
+    the host's XLA threads."""
     import jax
 
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -50,9 +51,8 @@ def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
             if on_gpu and not line.name.startswith("Stream"):
                 continue  # the "XLA Modules"/"XLA Ops" lines span the same kernels
             for event in line.events:
-                stats = dict(event.stats)
-                if "hlo_op" in stats:
-                    events.append((str(stats["hlo_op"]), event.name, event.duration_ns))
+                if "hlo_op" in dict(event.stats):
+                    events.append((event.name, event.duration_ns))
     return events
 
 
@@ -71,29 +71,22 @@ def profile(name: str, run, calls: int) -> dict:
             run()
     events = device_events(trace_dir)
     by_kernel = collections.defaultdict(lambda: [0.0, 0])
-    for op, kernel, ns in events:  # XLA's command buffers (CUDA graphs) name many kernels one hlo_op
+    for kernel, ns in events:  # by kernel: XLA's command buffers (CUDA graphs) put many under one hlo_op
         entry = by_kernel[kernel]
         entry[0] += ns
         entry[1] += 1
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
-    busy_ms = sum(ns for _, _, ns in events) / calls / 1e6
+    busy_ms = sum(ns for _, ns in events) / calls / 1e6
     return dict(workload=name, wall_ms=wall_ms, busy_ms=busy_ms, kernels_per_call=len(events) / calls,
                 top=[dict(kernel=kernel[:90], us_per_call=ns / calls / 1e3, launches_per_call=n / calls)
                      for kernel, (ns, n) in top])
-
-
-def parameter_bytes(module) -> int:
-    import jax
-    from flax import nnx
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     import jax
     from flax import nnx
 
-    from infinitevl_jax.infer import DecoderEngine, SamplingConfig
+    from infinitevl_jax.infer import DecoderEngine, SamplingConfig, cache_bytes
 
     streaming = kind == "hybrid" and args.frames
     preset, overrides = SMOKE_MODELS[kind] if args.smoke else (MODELS[kind], [])
@@ -128,7 +121,7 @@ def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     back_to_back_ms = (time.perf_counter() - start) / args.steps * 1e3
     rows = [profile("decode", decode, args.steps)]
     rows[-1]["back_to_back_ms"] = back_to_back_ms
-    rows[-1].update(parameter_bytes=parameter_bytes(decoder), unrolled=isinstance(decoder.blocks, nnx.List))
+    rows[-1].update(parameter_bytes=cache_bytes(nnx.state(decoder, nnx.Param)), unrolled=isinstance(decoder.blocks, nnx.List))
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
         zeros = np.zeros((1,), np.int32)

@@ -112,11 +112,11 @@ class DecoderEngine:
 
     ``unroll_layers`` (default: on GPU) runs ``source.unstacked()``: separate per-block weights in
     an unrolled loop. In a scan, XLA on GPU copies every weight slice out of its stack before the
-    GEMM reads it, which doubled a decode step's weight traffic: an InfiniteVL-4B decode step took
-    9.9 ms scanned and 4.1 ms unrolled on an H200 (benchmarks/RESULTS.md). The block weights
-    are copied once: while the caller keeps ``source``, they take twice the memory. Costs: longer
-    compiles, and host time per call grows (a streamed 448x448 frame took 57 ms instead of 46 ms,
-    benchmarks/RESULTS.md).
+    GEMM reads it, which doubled a decode step's weight traffic: an InfiniteVL-4B decode step
+    spent 8.1 ms in kernels scanned and took 4.1 ms unrolled on an H200 (benchmarks/RESULTS.md).
+    The block weights are copied once: while the caller keeps ``source``, they take twice the
+    memory. Costs: longer compiles, and host time per call grows (a streamed 448x448 frame took
+    58 ms instead of 46 ms, benchmarks/RESULTS.md).
     """
 
     def __init__(self, source: Decoder, *, chunk_size: int = 4096, min_bucket: int = 16,
@@ -125,7 +125,8 @@ class DecoderEngine:
         self.unroll_layers = jax.default_backend() == "gpu" if unroll_layers is None else unroll_layers
         self.source = source
         self.chunk_size, self.min_bucket = chunk_size, min_bucket
-        graphdef, self.params = nnx.split(self._runnable(source))
+        self.decoder = self._runnable()
+        graphdef, self.params = nnx.split(self.decoder)
         self._traces = collections.Counter()
         prefill = self._counted("prefill", functools.partial(_prefill_chunk, graphdef))
         self._prefill = jax.jit(prefill)
@@ -134,14 +135,15 @@ class DecoderEngine:
                                static_argnums=(0, 1), donate_argnums=(3,))
         self._sample = jax.jit(sample_tokens, static_argnums=(2, 3))
 
-    def _runnable(self, source: Decoder) -> Decoder:
-        self.decoder = source.unstacked() if self.unroll_layers else source
-        return self.decoder
+    def _runnable(self) -> Decoder:
+        """The decoder this engine runs: ``source`` itself, or its unstacked copy when unrolling."""
+        return self.source.unstacked() if self.unroll_layers else self.source
 
     def reload_weights(self):
         """Takes ``source``'s current weights (e.g. after training steps); same shapes, so nothing
         recompiles. An unrolled engine copies them out of the stack again."""
-        self.params = nnx.state(self._runnable(self.source))
+        self.decoder = self._runnable()
+        self.params = nnx.state(self.decoder)
 
     def _counted(self, name, fn):
         """``fn`` that counts its traces: jit traces (and then compiles) once per new input signature."""
