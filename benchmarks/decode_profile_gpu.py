@@ -10,7 +10,10 @@ CPU) are summed by kernel name, per call:
 
 - ``decode``: one ``DecoderEngine.decode_step`` (greedy), both models;
 - ``prefill_chunk``: one ``--chunk``-token prefill chunk on the constant cache (hybrid);
-- ``frame``: one 448x448 frame through ``StreamingSession.push_frame`` (ViT + its 256-token chunk).
+- ``frame``: one 448x448 frame through ``StreamingSession.push_frame`` (ViT + its 256-token chunk),
+  with the default (on GPU: unrolled) decoder engine and vision encoder; ``frame_scanned``: the
+  same with both scanned. ``host_ms``: the median time ``push_frame`` takes to return (host work
+  and dispatch; the device runs on asynchronously).
 
 Per workload it prints wall ms, device-busy ms (the sum of kernel times), kernels per call and the
 top kernels; ``--hlo-dir`` also writes the compiled decode step's HLO text (fusion names in the
@@ -92,9 +95,7 @@ def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     preset, overrides = SMOKE_MODELS[kind] if args.smoke else (MODELS[kind], [])
     model = build_model(preset, overrides, with_vision=streaming)
     engine = DecoderEngine(model.language_model if streaming else model, chunk_size=args.chunk)
-    decoder = engine.decoder  # one copy of the weights: the engine's (unstacked on GPU)
-    if streaming:
-        model.language_model = decoder
+    decoder = engine.decoder  # the engine's weights (unstacked on GPU; the VLM keeps the stacked ones for frames)
     full_attention = "full_attention" in decoder.cfg.layer_types
     context = args.context
     ids = np.random.default_rng(0).integers(0, decoder.cfg.vocab_size, (1, context)).astype(np.int32)
@@ -124,9 +125,7 @@ def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     rows[-1].update(parameter_bytes=cache_bytes(nnx.state(decoder, nnx.Param)), unrolled=isinstance(decoder.blocks, nnx.List))
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
-        zeros = np.zeros((1,), np.int32)
-        text = engine._decode.lower(greedy, None, engine.params, state["cache"], zeros, zeros, zeros,
-                                    jax.random.key(0)).compile().as_text()
+        text = engine.compiled_decode(state["cache"], greedy).as_text()
         with open(os.path.join(hlo_dir, f"{kind}_decode_step.hlo.txt"), "w") as f:
             f.write(text)
     if kind != "hybrid":
@@ -144,19 +143,29 @@ def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     if streaming:
         from infinitevl_jax.data.tokenizer import ByteTokenizer
         from infinitevl_jax.infer import StreamingSession
+        from infinitevl_jax.infer.generate import image_processor_for
+        from infinitevl_jax.infer.vision_encoder import VisionEncoder
 
-        frame_engine = DecoderEngine(decoder, chunk_size=max(64, (args.frame_size // 28) ** 2), min_bucket=64)
-        session = StreamingSession(model, ByteTokenizer(), engine=frame_engine, frame_size=args.frame_size)
         frame = np.random.default_rng(1).integers(0, 256, (args.frame_size, args.frame_size, 3), dtype=np.uint8)
-        clock = iter(range(10 ** 6))
+        chunk = max(64, (args.frame_size // 28) ** 2)
+        for name, unrolled in (("frame", None), ("frame_scanned", False)):
+            frame_engine = DecoderEngine(model.language_model, chunk_size=chunk, min_bucket=64, unroll_layers=unrolled)
+            vision = VisionEncoder(model.visual, image_processor_for(model), unroll_layers=unrolled)
+            session = StreamingSession(model, ByteTokenizer(), engine=frame_engine, vision=vision,
+                                       frame_size=args.frame_size)
+            clock, host_s = iter(range(10 ** 6)), []
 
-        def push_frame():
-            session.push_frame(frame, next(clock) / 2)
-            session.synchronize()
+            def push_frame():
+                start = time.perf_counter()
+                session.push_frame(frame, next(clock) / 2)
+                host_s.append(time.perf_counter() - start)
+                session.synchronize()
 
-        for _ in range(2):
-            push_frame()
-        rows.append(profile("frame", push_frame, args.frames))
+            for _ in range(2):
+                push_frame()
+            rows.append(profile(name, push_frame, args.frames))
+            rows[-1].update(unrolled=frame_engine.unroll_layers, host_ms=float(np.median(host_s[2:])) * 1e3)
+            del frame_engine, vision, session
     return [dict(model=kind, **r) for r in rows]
 
 
@@ -185,7 +194,8 @@ def main(argv=None):
     for kind in args.models:
         rows += profile_model(kind, args, args.hlo_dir)
     print()
-    print_table(rows, ["model", "workload", "wall_ms", "busy_ms", "kernels_per_call"])
+    print_table([dict(r, host_ms=r.get("host_ms", "")) for r in rows],
+                ["model", "workload", "wall_ms", "busy_ms", "host_ms", "kernels_per_call"])
     print("decode back to back (ms per token):", {r["model"]: round(r["back_to_back_ms"], 3) for r in rows
                                                   if r["workload"] == "decode"})
     for r in rows:

@@ -109,7 +109,7 @@ def measure_context(engine, context: int, decode_tokens: int) -> dict:
         tokens, counts, key, cache = engine.decode_step(cache, tokens, counts, deltas, key, greedy)
     jax.block_until_ready(tokens)
     decode_ms = (time.perf_counter() - start) / decode_tokens * 1e3
-    step_memory = engine.decode_memory(cache, greedy)
+    step_memory = engine.compiled_decode(cache, greedy).memory_analysis()
     return dict(context=context, prefill_chunk=min(engine.chunk_size, context), first_call_s=first_call_s,
                 prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s, decode_ms_per_token=decode_ms,
                 e2e_s=prefill_s + decode_tokens * decode_ms / 1e3, cache_bytes=cache_bytes(cache),

@@ -80,6 +80,30 @@ def test_masked_attention_with_ring_indices():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("t", [3, 20], ids=["parts_apart", "parts_joined"])
+def test_masked_attention_over_cache_parts(t):
+    """Cache and new tokens as separate parts, per row a full ring and one with empty slots, one
+    query that sees nothing (zeros): below and above CONCAT_PARTS_MIN_QUERIES (16) queries."""
+    rng = np.random.default_rng(3)
+    capacity, w = 9, 6
+    index = np.array([15, 4])
+    q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, capacity + t, 2, 8)).astype(np.float32) for _ in range(2))
+    masks, refs = [], []
+    for b in range(2):
+        k_index = np.concatenate([np.asarray(slot_token_index(index[b], capacity)), index[b] + np.arange(t)])
+        q_index = index[b] + np.arange(t)
+        mask = np.array(visibility(jnp.asarray(q_index), jnp.asarray(k_index), w, k_index >= 0))
+        mask[1] = False
+        masks.append(mask)
+        ref = attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=w, q_index=q_index, k_index=k_index,
+                            k_valid=k_index >= 0)
+        refs.append(np.where(mask.any(-1)[None, :, None, None], ref, 0))
+    out = masked_attention(q, (k[:, :capacity], k[:, capacity:]), (v[:, :capacity], v[:, capacity:]), np.stack(masks))
+    np.testing.assert_allclose(out, np.concatenate(refs), atol=2e-5, rtol=2e-5)
+    assert not np.any(np.asarray(out)[:, 1])
+
+
 def test_empty_slots_are_invisible():
     slots = np.asarray(slot_token_index(2, 5))
     assert (slots < 0).sum() == 3 and sorted(slots[slots >= 0]) == [0, 1]

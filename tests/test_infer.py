@@ -184,7 +184,7 @@ def test_decode_step_updates_the_cache_in_place():
     decoder = tiny_decoder(layer_types=("full_attention",) * 8, dtype="bfloat16", param_dtype="bfloat16")
     engine = DecoderEngine(decoder, chunk_size=16, unroll_layers=False)
     cache = decoder.init_cache(1, 4096)
-    memory = engine.decode_memory(cache)
+    memory = engine.compiled_decode(cache).memory_analysis()
     assert memory.alias_size_in_bytes == cache_bytes(cache)
     assert memory.temp_size_in_bytes < cache_bytes(cache)
 

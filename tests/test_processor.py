@@ -9,6 +9,8 @@ compared with a float64 NumPy reference of the documented rules, using transform
 import math
 from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
@@ -115,6 +117,21 @@ def test_patch_rows_layout():
         y, x = (2 * by + my) * 14, (2 * bx + mx) * 14
         want = padded[2 * t:2 * t + 2, :, y:y + 14, x:x + 14].transpose(1, 0, 2, 3).ravel()
         np.testing.assert_array_equal(rows[row], want)
+
+
+def test_rows_of_levels_equal_encode_bit_for_bit():
+    """The device-side path (uint8 patches, then a per-channel lookup) gives ``encode``'s values
+    exactly, in NumPy and jitted jax.numpy; an odd frame count pads the temporal patch the same way."""
+    processor = ImageProcessor(**SMALL)
+    for frames in ([Image.fromarray(random_image(70, 93))], [Image.fromarray(random_image(60, 90)) for _ in range(3)]):
+        rows, grid = processor.encode(frames)
+        levels = processor.resized(frames)
+        assert levels.dtype == np.uint8
+        for xp in (np, jnp):
+            got, got_grid = (processor.rows_of_levels(levels) if xp is np else
+                             (jax.jit(lambda x: processor.rows_of_levels(x, xp=jnp)[0])(levels), grid))
+            assert got_grid == grid and np.asarray(got).dtype == np.float32
+            np.testing.assert_array_equal(np.asarray(got), rows)
 
 
 # ---------------------------------------------------------------------------------- placeholders

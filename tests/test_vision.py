@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from flax import nnx
+from PIL import Image
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLVisionConfig,
 )
@@ -19,6 +20,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.vision_utils import get_vision_window_index
 
+from infinitevl_jax.data.image_processor import ImageProcessor
+from infinitevl_jax.infer.vision_encoder import VisionEncoder
 from infinitevl_jax.models.config import VisionConfig
 from infinitevl_jax.models.vision import (
     VisionTransformer,
@@ -125,6 +128,49 @@ def test_remat_keeps_gradients(models):
     grad = nnx.jit(nnx.grad(lambda m: jnp.sum(m(pixels, grid) ** 2)))
     jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                  grad(model), grad(_ours(112, hf, remat="full")))
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scanned", "unrolled"])
+def test_vision_encoder_matches_transformers(models, unroll):
+    """``VisionEncoder``: pixel rows (``encode``) and uint8 frames normalised on the device
+    (``encode_frames``: one image, a 3-frame video) against the HF tower on the processor's rows."""
+    hf, model = models
+    processor = ImageProcessor(min_pixels=56 * 56, max_pixels=16 * 28 * 28)
+    encoder = VisionEncoder(model, processor, unroll_layers=unroll)
+    assert isinstance(encoder.tower.blocks, nnx.List) == unroll
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    video = [rng.integers(0, 256, (90, 60, 3), dtype=np.uint8) for _ in range(3)]
+    for frames, rows, grid in [(image, *processor.encode([Image.fromarray(image)])),
+                               (video, *processor.encode([Image.fromarray(f) for f in video]))]:
+        with torch.no_grad():
+            ref = hf(torch.from_numpy(rows), grid_thw=torch.tensor([grid])).pooler_output.numpy().astype(np.float64)
+        with jax.default_matmul_precision("highest"):
+            from_rows = encoder.encode(jnp.asarray(rows), np.array([grid]))
+            from_frames, frame_grid = encoder.encode_frames(frames)
+        assert frame_grid == grid
+        assert _rel_err(from_rows, ref) <= 1e-4 and _rel_err(from_frames, ref) <= 1e-4
+    assert len(encoder._layouts) == 2  # one per grid, reused
+    with jax.default_matmul_precision("highest"):
+        encoder.encode_frames(image)
+    assert len(encoder._layouts) == 2
+
+
+def test_vision_encoder_reload_weights(models):
+    """An unrolled encoder holds copies: a changed source weight shows only after ``reload_weights``."""
+    hf, _ = models
+    model = _ours(112, hf)
+    encoder = VisionEncoder(model, ImageProcessor(), unroll_layers=True)
+    grid = np.array([[1, 4, 4]])
+    pixels = jnp.asarray(_pixels(grid, seed=2))
+    before = encoder.encode(pixels, grid)
+    model.merger.mlp_out.bias.set_value(model.merger.mlp_out.bias[...] + 1.0)
+    model.blocks.layers[0].norm1.weight.set_value(model.blocks.layers[0].norm1.weight[...] * 0.5)
+    np.testing.assert_array_equal(encoder.encode(pixels, grid), before)
+    encoder.reload_weights()
+    np.testing.assert_allclose(encoder.encode(pixels, grid), encode_vision(model, pixels, grid), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match the tower"):
+        VisionEncoder(model, ImageProcessor(patch_size=16))
 
 
 @pytest.mark.parametrize("window_size", [56, 112])

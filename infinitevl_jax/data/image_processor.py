@@ -110,16 +110,24 @@ def normalize(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return out.transpose(0, 3, 1, 2)
 
 
-def patchify(pixels: np.ndarray, patch_size: int, temporal_patch_size: int,
-             merge_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """float [T, C, H, W] -> (rows [t*h*w, C*tps*p*p], grid (t, h, w)).
+def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 ``[3, 256]``: ``normalize``'s value of each uint8 level per channel, so a lookup
+    ``table[c, x]`` reproduces it bit for bit (e.g. on the device, from uploaded uint8 pixels)."""
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None], (1, 1, 256, 3))
+    return np.ascontiguousarray(normalize(levels, mean, std)[0, :, 0, :])
+
+
+def patchify(pixels, patch_size: int, temporal_patch_size: int, merge_size: int,
+             xp=np) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """[T, C, H, W] (any dtype) -> (rows [t*h*w, C*tps*p*p], grid (t, h, w)).
 
     T is padded up to a multiple of temporal_patch_size by repeating the last frame, so t = ceil(T/tps),
     h = H/p, w = W/p. Row order: t, merge-block row, merge-block column, then the merge_size**2
-    patches of the block in raster order; row layout (channel, frame, py, px).
+    patches of the block in raster order; row layout (channel, frame, py, px). ``xp``: the array
+    module (NumPy, or ``jax.numpy`` inside a jitted function).
     """
     if pad := -pixels.shape[0] % temporal_patch_size:
-        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
+        pixels = xp.concatenate([pixels, xp.repeat(pixels[-1:], pad, axis=0)])
     frames, channels, height, width = pixels.shape
     t, h, w = frames // temporal_patch_size, height // patch_size, width // patch_size
     x = pixels.reshape(t, temporal_patch_size, channels, h // merge_size, merge_size, patch_size,
@@ -151,16 +159,30 @@ class FrameProcessor:
         """Side lengths are multiples of this: one merged token covers factor x factor pixels."""
         return self.patch_size * self.merge_size
 
-    def encode(self, frames: Sequence[Image.Image]) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """RGB frames of one size -> (float32 rows [t*h*w, 3*tps*p*p], grid (t, h, w))."""
+    def resized(self, frames: Sequence[Image.Image]) -> np.ndarray:
+        """RGB frames of one size -> uint8 ``[T, H, W, 3]`` at the ``smart_resize`` size."""
         width, height = frames[0].size
         if any(frame.size != (width, height) for frame in frames):
             sizes = sorted({frame.size for frame in frames})
             raise ValueError(f"all frames of a video must have one size; got (W, H) sizes {sizes}")
         new_h, new_w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        resized = np.stack([np.asarray(frame.resize((new_w, new_h), self.resample)) for frame in frames])
-        pixels = normalize(resized, self.image_mean, self.image_std)
+        return np.stack([np.asarray(frame.resize((new_w, new_h), self.resample)) for frame in frames])
+
+    def encode(self, frames: Sequence[Image.Image]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """RGB frames of one size -> (float32 rows [t*h*w, 3*tps*p*p], grid (t, h, w))."""
+        pixels = normalize(self.resized(frames), self.image_mean, self.image_std)
         return patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
+
+    def rows_of_levels(self, frames, xp=np):
+        """``encode`` after the resize: uint8 ``[T, H, W, 3]`` (from ``resized``) -> (float32 rows,
+        grid). The uint8 levels are patchified first and each then looked up in
+        ``normalize_table``, so the values are ``encode``'s bit for bit; with ``xp=jax.numpy``
+        inside a jitted function this runs on the device from a uint8 upload (4x smaller)."""
+        levels, grid = patchify(frames.transpose(0, 3, 1, 2), self.patch_size, self.temporal_patch_size,
+                                self.merge_size, xp=xp)
+        channel = np.repeat(np.arange(3, dtype=np.int32), levels.shape[1] // 3)  # row layout: channel first
+        table = normalize_table(self.image_mean, self.image_std).ravel()
+        return xp.take(xp.asarray(table), channel * 256 + levels.astype(np.int32)), grid
 
 
 @dataclasses.dataclass(frozen=True)

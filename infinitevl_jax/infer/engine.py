@@ -1,8 +1,8 @@
 """Jitted prefill chunks and decode steps of one decoder, compiled once per shape.
 
-The decoder is split once into its graph and parameters (``nnx.split``); the two device
-functions are plain ``jax.jit`` functions of (parameters, cache, inputs), so a call costs no
-module-graph walk and each compiles once per input shape:
+The decoder is split once into its graph and a flat list of its arrays (``flat_params``); the
+two device functions are plain ``jax.jit`` functions of (parameter list, cache, inputs), so a
+call costs no module-graph walk and each compiles once per input shape:
 
 - ``prefill``: feeds T tokens (ids or embeddings) in chunks of at most ``chunk_size`` (never
   splitting a vision run); a shorter piece is right-padded to a power-of-two bucket (at least
@@ -28,9 +28,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
+from infinitevl_jax.infer.flat_params import merge_flat, split_flat
 from infinitevl_jax.infer.sampling import SamplingConfig, sample_tokens
 from infinitevl_jax.models.decoder import Decoder, DecoderCache
 
@@ -85,8 +85,8 @@ def full_attention_capacity(decoder: Decoder, cache: DecoderCache) -> int | None
     return int(cache.layers[types.index("full_attention")].k.shape[2])  # [blocks, B, capacity, H, D]
 
 
-def _prefill_chunk(graphdef, params, cache, inputs, position_ids, vision_mask, valid_len):
-    decoder = nnx.merge(graphdef, params)
+def _prefill_chunk(skeleton, params, cache, inputs, position_ids, vision_mask, valid_len):
+    decoder = merge_flat(skeleton, params)
     ids, embeds = (inputs, None) if inputs.ndim == 2 else (None, inputs)
     hidden, cache = decoder.hidden_states(ids, inputs_embeds=embeds, position_ids=position_ids, cache=cache,
                                           valid_len=valid_len, vision_mask=vision_mask)
@@ -94,8 +94,8 @@ def _prefill_chunk(graphdef, params, cache, inputs, position_ids, vision_mask, v
     return decoder.logits(last), cache
 
 
-def _decode_step(graphdef, sampling, vocab_limit, params, cache, tokens, counts, rope_deltas, key):
-    decoder = nnx.merge(graphdef, params)
+def _decode_step(skeleton, sampling, vocab_limit, params, cache, tokens, counts, rope_deltas, key):
+    decoder = merge_flat(skeleton, params)
     positions = (counts + rope_deltas)[:, None]  # [B, 1]
     if decoder.cfg.mrope_section is not None:
         positions = jnp.broadcast_to(positions, (3, *positions.shape))
@@ -126,12 +126,12 @@ class DecoderEngine:
         self.source = source
         self.chunk_size, self.min_bucket = chunk_size, min_bucket
         self.decoder = self._runnable()
-        graphdef, self.params = nnx.split(self.decoder)
+        skeleton, self.params, self._leaves = split_flat(self.decoder)
         self._traces = collections.Counter()
-        prefill = self._counted("prefill", functools.partial(_prefill_chunk, graphdef))
+        prefill = self._counted("prefill", functools.partial(_prefill_chunk, skeleton))
         self._prefill = jax.jit(prefill)
         self._prefill_donating = jax.jit(prefill, donate_argnums=(1,))
-        self._decode = jax.jit(self._counted("decode", functools.partial(_decode_step, graphdef)),
+        self._decode = jax.jit(self._counted("decode", functools.partial(_decode_step, skeleton)),
                                static_argnums=(0, 1), donate_argnums=(3,))
         self._sample = jax.jit(sample_tokens, static_argnums=(2, 3))
 
@@ -143,7 +143,7 @@ class DecoderEngine:
         """Takes ``source``'s current weights (e.g. after training steps); same shapes, so nothing
         recompiles. An unrolled engine copies them out of the stack again."""
         self.decoder = self._runnable()
-        self.params = nnx.state(self.decoder)
+        _, self.params, self._leaves = split_flat(self.decoder)
 
     def _counted(self, name, fn):
         """``fn`` that counts its traces: jit traces (and then compiles) once per new input signature."""
@@ -195,7 +195,7 @@ class DecoderEngine:
         for start, length, padded in tqdm(pieces, desc="prefill", unit="chunk", file=sys.stdout,
                                           disable=not progress):
             piece = slice(start, start + length)
-            logits, cache = run(self.params, cache, _right_pad(inputs[:, piece], padded),
+            logits, cache = run(self._leaves, cache, _right_pad(inputs[:, piece], padded),
                                 _right_pad(position_ids[..., piece], padded, time_axis=-1),
                                 _right_pad(vision[:, piece], padded), np.int32(length))
         return logits, cache
@@ -207,15 +207,15 @@ class DecoderEngine:
 
         Returns ``(next tokens [B], counts + 1, next key, cache)``.
         """
-        return self._decode(sampling, vocab_limit, self.params, cache, tokens, counts, rope_deltas, key)
+        return self._decode(sampling, vocab_limit, self._leaves, cache, tokens, counts, rope_deltas, key)
 
-    def decode_memory(self, cache: DecoderCache, sampling: SamplingConfig = SamplingConfig()):
-        """XLA's ``memory_analysis()`` of the compiled decode step for this cache (temp, argument,
-        output and aliased bytes): a temp size near the cache's own means a step copies the cache."""
-        batch = cache.start.shape[0]
-        zeros = np.zeros((batch,), np.int32)
-        return self._decode.lower(sampling, None, self.params, cache, zeros, zeros, zeros,
-                                  jax.random.key(0)).compile().memory_analysis()
+    def compiled_decode(self, cache: DecoderCache, sampling: SamplingConfig = SamplingConfig()):
+        """The compiled decode step for this cache (``jax.stages.Compiled``): ``memory_analysis()``
+        gives its temp, argument, output and aliased bytes (a temp size near the cache's own means a
+        step copies the cache), ``as_text()`` its optimised HLO."""
+        zeros = np.zeros((cache.start.shape[0],), np.int32)
+        return self._decode.lower(sampling, None, self._leaves, cache, zeros, zeros, zeros,
+                                  jax.random.key(0)).compile()
 
     def sample(self, logits, key, sampling: SamplingConfig, vocab_limit: int | None = None):
         """``sample_tokens`` jitted: int32 ``[B]`` from logits ``[B, V]``."""

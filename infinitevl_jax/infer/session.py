@@ -36,7 +36,7 @@ from infinitevl_jax.infer.engine import DecoderEngine, full_attention_capacity
 from infinitevl_jax.infer.generate import (Answer, encode_for_model, generate_tokens, image_processor_for, stop_ids_of,
                                           vocab_limit_of)
 from infinitevl_jax.infer.sampling import SamplingConfig
-from infinitevl_jax.models.vision import encode_vision
+from infinitevl_jax.infer.vision_encoder import VisionEncoder
 from infinitevl_jax.models.vlm import VisionLanguageModel
 
 _QUESTION = "\x00question\x00"
@@ -55,17 +55,18 @@ class StreamingSession:
       model: a ``VisionLanguageModel`` with a vision tower.
       tokenizer: its tokenizer (``encode``, ``decode``, ``special_ids``, ``eos_id``, ``vocab_size``).
       engine: compiled functions to reuse (default: a new ``DecoderEngine`` with ``chunk_size``).
+      vision: the compiled vision tower to reuse (default: a new ``VisionEncoder``).
       frame_size: frames are resized to this square size first (None: the processor's own resize).
       system: the system prompt.
       max_len: tokens a full-attention (teacher) cache holds; required for such a model.
     """
 
     def __init__(self, model: VisionLanguageModel, tokenizer, *, engine: DecoderEngine | None = None,
-                 chunk_size: int = 4096, frame_size: int | None = 448, system: str = "You are a helpful assistant.",
+                 vision: VisionEncoder | None = None, chunk_size: int = 4096, frame_size: int | None = 448, system: str = "You are a helpful assistant.",
                  max_len: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.processor = image_processor_for(model)
         self.engine = engine or DecoderEngine(model.language_model, chunk_size=chunk_size)
+        self.vision = vision or VisionEncoder(model.visual, image_processor_for(model))
         self.frame_size = frame_size
         self.cache = model.language_model.init_cache(1, max_len)
         self.capacity = full_attention_capacity(model.language_model, self.cache)
@@ -119,9 +120,7 @@ class StreamingSession:
         image = load_image(frame)
         if self.frame_size is not None:
             image = image.resize((self.frame_size, self.frame_size), Image.Resampling.BICUBIC)
-        vision = self.processor([image])
-        grid = vision["image_grid_thw"]
-        features = encode_vision(self.model.visual, vision["pixel_values"], grid)  # [H * W, D]
+        features, grid = self.vision.encode_frames(image)  # [H * W, D]
         if self._run is None:
             start = self._special("<|vision_start|>")
             self._feed(self._text_positions(1), input_ids=np.asarray([[start]], np.int32))
@@ -129,10 +128,10 @@ class StreamingSession:
             self._run = (self.next_position, seconds)
         base, start_time = self._run
         merge = self.model.cfg.vision.spatial_merge_size
-        height, width = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+        height, width = grid[1] // merge, grid[2] // merge
         temporal = base + math.floor((seconds - start_time) * self.model.cfg.vision.tokens_per_second)
-        y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-        positions = np.stack([np.full(height * width, temporal), base + y.ravel(), base + x.ravel()])
+        cells = np.arange(height * width)  # raster order: row cells // width, column cells % width
+        positions = np.stack([np.full(cells.size, temporal), base + cells // width, base + cells % width])
         self._feed(positions[:, None].astype(np.int32), inputs_embeds=features[None],
                    vision_mask=np.ones((1, positions.shape[1]), bool))
         self.next_position = max(self.next_position, int(positions.max()) + 1)

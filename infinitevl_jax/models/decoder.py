@@ -22,7 +22,8 @@ from infinitevl_jax.models.gated_deltanet import GatedDeltaNet, init_gated_delta
 from infinitevl_jax.models.layers import RMSNorm, SwiGLU
 from infinitevl_jax.models.mmate import MMate, init_mmate_cache
 from infinitevl_jax.models.sliding_attention import SelfAttention, init_kv_cache
-from infinitevl_jax.models.stacking import run_unrolled, scan_stacked, scan_stacked_updating, stacked, unstack
+from infinitevl_jax.models.stacking import (run_unrolled, scan_stacked, scan_stacked_updating, stacked,
+                                            with_unstacked_blocks)
 from infinitevl_jax.models.vision_runs import VisionRuns, vision_runs
 from infinitevl_jax.ops.rope import rope_cos_sin
 
@@ -144,12 +145,7 @@ class Decoder(nnx.Module):
         (``stacking.unstack``): the same function, faster decoding on GPU, slower compiles. The
         block parameters are copied (the decoder's memory for them doubles while both exist);
         everything else is shared. For inference: training code expects the stacked blocks."""
-        if isinstance(self.blocks, nnx.List):
-            return self
-        graphdef, state = nnx.split(self)
-        copy = nnx.merge(graphdef, state)  # new module objects around the same arrays
-        copy.blocks = unstack(self.blocks)
-        return copy
+        return with_unstacked_blocks(self)
 
     def embed(self, input_ids):
         """``[B, T]`` ids -> ``[B, T, D]`` embeddings in the compute dtype."""

@@ -125,7 +125,7 @@ class SelfAttention(nnx.Module):
         seq_len = q.shape[1]
         impl = self.cfg.attention_impl
         if impl == "dense" or (impl != "blockwise" and seq_len * (capacity + seq_len) <= DENSE_CACHED_MAX_ELEMENTS):
-            # Slots as they lie (no reordering or copy of a possibly long cache): explicit token indices.
+            # Slots as they lie (no reordering of the ring): explicit token indices.
             k_index = jnp.concatenate([slot_token_index(index, capacity), index + jnp.arange(seq_len)])
             mask = visibility(index + jnp.arange(seq_len), k_index, self.window, k_index[None] >= start[:, None])
             o = masked_attention(q, (cache.k, k.astype(cache.k.dtype)), (cache.v, v.astype(cache.v.dtype)), mask)

@@ -79,6 +79,25 @@ def unstack(blocks: nnx.Module) -> nnx.List:
     return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(count)])
 
 
+def with_unstacked_blocks(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` (new module objects around the same arrays) whose stacked ``blocks``
+    are replaced by ``unstack(module.blocks)``; ``module`` itself if they are already separate."""
+    if isinstance(module.blocks, nnx.List):
+        return module
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    copy.blocks = unstack(module.blocks)
+    return copy
+
+
+def run_blocks(blocks, step: Callable, carry, remat: str = "none"):
+    """``step(block, carry) -> carry`` over every block: ``lax.scan`` of stacked blocks, a Python
+    loop over separate ones (``nnx.List``, see ``run_unrolled``)."""
+    if isinstance(blocks, nnx.List):
+        return run_unrolled(blocks, lambda block, c, _: (step(block, c), None), carry)[0]
+    return scan_stacked(blocks, lambda block, c, _: (step(block, c), None), carry, remat=remat)[0]
+
+
 def run_unrolled(blocks: nnx.List, step: Callable, carry, stacked_state=None):
     """``scan_stacked_updating`` over separate blocks (``unstack``), as a Python loop: ``step(block,
     carry, state_i) -> (carry, new_state_i)`` with block i's slice of ``stacked_state`` (or None)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from infinitevl_jax.models.config import VisionConfig
 from infinitevl_jax.models.layers import Dense, RMSNorm, SwiGLU
-from infinitevl_jax.models.stacking import scan_stacked, stacked
+from infinitevl_jax.models.stacking import run_blocks, stacked, with_unstacked_blocks
 from infinitevl_jax.ops.rope import apply_rope, rope_inv_freq
 
 # ----------------------------------------------------------------------------------------------
@@ -267,9 +267,13 @@ class VisionTransformer(nnx.Module):
         layout = jax.tree.map(jnp.asarray, layout)
         cos, sin = rotary_cos_sin(layout.rows, layout.cols, cfg.head_dim, cfg.rope_theta)
         x = self.patch_embed(pixel_values)
-        x, _ = scan_stacked(self.blocks, lambda block, h, _: (block(h, cos, sin, layout), None), x,
-                            remat=cfg.remat)
+        x = run_blocks(self.blocks, lambda block, h: block(h, cos, sin, layout), x, remat=cfg.remat)
         return self.merger(x)
+
+    def unstacked(self) -> "VisionTransformer":
+        """This tower with its block groups as separate modules run by a Python loop (inference on
+        GPU, see ``Decoder.unstacked``); the block parameters are copied, the rest shared."""
+        return with_unstacked_blocks(self)
 
 
 @nnx.jit

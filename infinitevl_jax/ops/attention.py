@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 DENSE_MAX_LEN = 1024
+# masked_attention joins its key/value parts (not their logits) from this many queries on.
+CONCAT_PARTS_MIN_QUERIES = 16
 _MASKED = -1e30
 
 IMPLS = ("auto", "dense", "cudnn", "blockwise")
@@ -62,11 +64,19 @@ def masked_attention(q, k, v, mask):
 
     Args:
       q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``, or tuples of parts ``[B, S_i, Hkv, D]`` that
-        form the S keys in order (e.g. a cache and the new tokens: attended without copying
-        them into one array); mask: ``[B, T, S]`` (or broadcastable).
+        form the S keys in order (e.g. a cache and the new tokens); mask: ``[B, T, S]`` (or
+        broadcastable).
     Returns ``[B, T, Hq, D]`` in q's dtype. Rows with no visible key return zeros.
+
+    Below ``CONCAT_PARTS_MIN_QUERIES`` queries (a decode step) each part is read where it lies
+    and their logits are joined; from there on the parts are joined first, since joining the
+    logits instead copies ``Hq * T * S`` floats (a streamed frame: 256 queries over an 8K
+    window, 138 MB per layer) where joining keys and values copies ``2 * S * Hkv * D``.
     """
     k_parts, v_parts = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (k, v))
+    if len(k_parts) > 1 and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES:
+        k_parts = (jnp.concatenate([part.astype(k_parts[0].dtype) for part in k_parts], axis=1),)
+        v_parts = (jnp.concatenate([part.astype(v_parts[0].dtype) for part in v_parts], axis=1),)
     batch, t, hq, d = q.shape
     hkv = k_parts[0].shape[2]
     qg = q.reshape(batch, t, hkv, hq // hkv, d)
