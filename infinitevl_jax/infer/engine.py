@@ -115,8 +115,8 @@ class DecoderEngine:
     GEMM reads it, which doubled a decode step's weight traffic: an InfiniteVL-4B decode step
     spent 8.1 ms in kernels scanned and took 4.1 ms unrolled on an H200 (benchmarks/RESULTS.md).
     The block weights are copied once: while the caller keeps ``source``, they take twice the
-    memory. Costs: longer compiles, and host time per call grows (a streamed 448x448 frame took
-    58 ms instead of 46 ms, benchmarks/RESULTS.md).
+    memory. Costs: longer compiles, and more host time per call (a streamed 448x448 frame's
+    ``push_frame`` took 22.4 ms of host time unrolled vs 12.0 ms scanned, benchmarks/RESULTS.md).
     """
 
     def __init__(self, source: Decoder, *, chunk_size: int = 4096, min_bucket: int = 16,
