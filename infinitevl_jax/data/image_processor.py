@@ -117,6 +117,12 @@ def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return np.ascontiguousarray(normalize(levels, mean, std)[0, :, 0, :])
 
 
+def patch_grid(frames_hw: tuple[int, int, int], patch_size: int, temporal_patch_size: int) -> tuple[int, int, int]:
+    """Patch grid ``(t, h, w)`` of T frames of H x W pixels: ``(ceil(T / tps), H / p, W / p)``."""
+    frames, height, width = frames_hw
+    return -(-frames // temporal_patch_size), height // patch_size, width // patch_size
+
+
 def patchify(pixels, patch_size: int, temporal_patch_size: int, merge_size: int,
              xp=np) -> tuple[np.ndarray, tuple[int, int, int]]:
     """[T, C, H, W] (any dtype) -> (rows [t*h*w, C*tps*p*p], grid (t, h, w)).
@@ -129,7 +135,7 @@ def patchify(pixels, patch_size: int, temporal_patch_size: int, merge_size: int,
     if pad := -pixels.shape[0] % temporal_patch_size:
         pixels = xp.concatenate([pixels, xp.repeat(pixels[-1:], pad, axis=0)])
     frames, channels, height, width = pixels.shape
-    t, h, w = frames // temporal_patch_size, height // patch_size, width // patch_size
+    t, h, w = patch_grid((frames, height, width), patch_size, temporal_patch_size)
     x = pixels.reshape(t, temporal_patch_size, channels, h // merge_size, merge_size, patch_size,
                        w // merge_size, merge_size, patch_size)
     # -> (t, block_row, block_col, merge_y, merge_x, channel, frame, py, px)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infinitevl_jax.infer.flat_params import merge_flat, split_flat
+from infinitevl_jax.infer.flat_params import merge_flat, split_flat, unroll_by_default
 from infinitevl_jax.infer.sampling import SamplingConfig, sample_tokens
 from infinitevl_jax.models.decoder import Decoder, DecoderCache
 
@@ -122,7 +122,7 @@ class DecoderEngine:
     def __init__(self, source: Decoder, *, chunk_size: int = 4096, min_bucket: int = 16,
                  unroll_layers: bool | None = None):
         chunk_plan(1, chunk_size, min_bucket)  # validates the sizes
-        self.unroll_layers = jax.default_backend() == "gpu" if unroll_layers is None else unroll_layers
+        self.unroll_layers = unroll_by_default(unroll_layers)
         self.source = source
         self.chunk_size, self.min_bucket = chunk_size, min_bucket
         self.decoder = self._runnable()

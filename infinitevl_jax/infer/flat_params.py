@@ -29,6 +29,12 @@ def split_flat(module: nnx.Module) -> tuple[Skeleton, nnx.State, list[jax.Array]
     return Skeleton(graphdef, treedef), state, leaves
 
 
+def unroll_by_default(unroll_layers: bool | None) -> bool:
+    """An inference engine's ``unroll_layers``: as given, or (None) True on GPU, where a scan
+    copies each block's weights out of their stack before reading them (``DecoderEngine``)."""
+    return jax.default_backend() == "gpu" if unroll_layers is None else unroll_layers
+
+
 def merge_flat(skeleton: Skeleton, leaves) -> nnx.Module:
     """The module back from ``split_flat``'s skeleton and (possibly traced) arrays."""
     return nnx.merge(skeleton.graphdef, jax.tree.unflatten(skeleton.treedef, leaves))

@@ -62,8 +62,8 @@ class StreamingSession:
     """
 
     def __init__(self, model: VisionLanguageModel, tokenizer, *, engine: DecoderEngine | None = None,
-                 vision: VisionEncoder | None = None, chunk_size: int = 4096, frame_size: int | None = 448, system: str = "You are a helpful assistant.",
-                 max_len: int | None = None):
+                 vision: VisionEncoder | None = None, chunk_size: int = 4096, frame_size: int | None = 448,
+                 system: str = "You are a helpful assistant.", max_len: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.engine = engine or DecoderEngine(model.language_model, chunk_size=chunk_size)
         self.vision = vision or VisionEncoder(model.visual, image_processor_for(model))

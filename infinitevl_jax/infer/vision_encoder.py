@@ -14,14 +14,13 @@ On GPU the tower runs unstacked by default (``VisionTransformer.unstacked``), fo
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinitevl_jax.data.image_processor import FrameProcessor, load_image
-from infinitevl_jax.infer.flat_params import merge_flat, split_flat
+from infinitevl_jax.data.image_processor import FrameProcessor, load_image, patch_grid
+from infinitevl_jax.infer.flat_params import merge_flat, split_flat, unroll_by_default
 from infinitevl_jax.models.vision import VisionLayout, VisionTransformer, vision_layout
 
 
@@ -30,8 +29,7 @@ def _encode_rows(skeleton, params, pixel_values, layout):
 
 
 def _encode_levels(skeleton, processor, params, levels, layout):
-    rows, _ = processor.rows_of_levels(levels, xp=jnp)
-    return merge_flat(skeleton, params).encode(rows, layout)
+    return _encode_rows(skeleton, params, processor.rows_of_levels(levels, xp=jnp)[0], layout)
 
 
 class VisionEncoder:
@@ -49,7 +47,7 @@ class VisionEncoder:
             raise ValueError(f"the processor's patch {processor.patch_size}, merge {processor.merge_size} and "
                              f"temporal patch {processor.temporal_patch_size} do not match the tower's config")
         self.source, self.processor = source, processor
-        self.unroll_layers = jax.default_backend() == "gpu" if unroll_layers is None else unroll_layers
+        self.unroll_layers = unroll_by_default(unroll_layers)
         self.tower = self._runnable()
         skeleton, _, self._leaves = split_flat(self.tower)
         self._rows = jax.jit(functools.partial(_encode_rows, skeleton))
@@ -85,6 +83,5 @@ class VisionEncoder:
         if not frames:
             raise ValueError("no frames given")
         levels = self.processor.resized([load_image(frame) for frame in frames])
-        p, tps = self.processor.patch_size, self.processor.temporal_patch_size
-        grid = (math.ceil(len(frames) / tps), levels.shape[1] // p, levels.shape[2] // p)
+        grid = patch_grid(levels.shape[:3], self.processor.patch_size, self.processor.temporal_patch_size)
         return self._levels(self._leaves, levels, self.layout([grid])), grid
