@@ -3,10 +3,12 @@
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA), the walk (Pallas kernel, and the
-   XLA ``lax.scan`` walk for comparison) and chunk_outputs (XLA); the walk forward+backward.
+   XLA ``lax.scan`` walk for comparison) and chunk_outputs (XLA); the walk forward+backward;
+   then the top device kernels of the whole forward and forward+backward (``jax.profiler``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
-3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward.
+3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
+   (bf16 inputs, so bf16 chunk terms and matmul operands).
 
 Pallas caches traced kernels, so every precision and launch setting runs in a fresh process.
 H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 
 from benchmarks.common import device_description, median_ms, print_table, write_json
 from benchmarks.delta_rule_gpu import H, K, V, jax_args, make_inputs
+from benchmarks.delta_rule_setup import forward, forward_backward
+from benchmarks.kernel_profile import profile
 from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, segment_resets
 from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks, walk_states
 
@@ -34,17 +38,19 @@ PRECISIONS = {
     "F32_F32_F32": jax.lax.DotAlgorithmPreset.F32_F32_F32,
     "HIGHEST": jax.lax.Precision.HIGHEST,
 }
-LAUNCHES = [(64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (32, 4, 1), (32, 4, 2), (32, 4, 3),
-            (32, 2, 2), (16, 4, 2)]  # (V-block, num_warps, num_stages)
+LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
+            (128, 8, 2)]  # (V-block, num_warps, num_stages)
+PROFILE_CALLS = 5
 
 
 def stages():
     batch, seq_len = 1, 65536
-    f32 = [x.astype(jnp.float32) for x in jax_args(make_inputs(batch, seq_len))]
+    q, k, v, g, beta = jax_args(make_inputs(batch, seq_len))
+    inputs = (q, k, v, g, beta.astype(jnp.float32))  # as gated_delta_rule passes them on
     reset = segment_resets(None, seq_len, batch)
     s0 = jnp.zeros((batch, H, K, V), jnp.float32)
     prepare = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, reset, matmul_dtype=jnp.bfloat16))
-    terms = prepare(*f32)
+    terms = prepare(*inputs)
     walk_pallas, walk_scan = jax.jit(pallas_gpu.gpu_walk_states), jax.jit(walk_states)
     states, v_new, _ = walk_pallas(terms, s0)
     outputs = jax.jit(lambda t, s, vn: chunk_outputs(t, s, vn, seq_len, jnp.bfloat16))
@@ -54,13 +60,23 @@ def stages():
         return jnp.sum(st) + jnp.sum(vn) + jnp.sum(final)
 
     rows = [dict(stage=name, ms=median_ms(fn, *args, iters=10)) for name, fn, args in (
-        ("prepare_chunks (XLA)", prepare, f32),
+        ("prepare_chunks (XLA)", prepare, inputs),
         ("walk (Pallas)", walk_pallas, (terms, s0)),
         ("walk (XLA lax.scan)", walk_scan, (terms, s0)),
         ("chunk_outputs (XLA)", outputs, (terms, states, v_new)),
         ("walk fwd+bwd (Pallas)", jax.jit(jax.grad(walk_loss, argnums=(0, 1))), (terms, s0)))]
     gib = (sum(x.nbytes for x in jax.tree.leaves(terms)) + states.nbytes + v_new.nbytes) / 2**30
     return rows, gib
+
+
+def kernel_profiles():
+    """Top device kernels of the whole Pallas forward and forward+backward, B1 T65536."""
+    args = jax_args(make_inputs(1, 65536))
+    profiles = []
+    for name, fn in (("forward", forward("pallas")), ("forward+backward", forward_backward("pallas"))):
+        run = lambda: jax.block_until_ready(fn(*args))
+        profiles.append(profile(name, run, PROFILE_CALLS))
+    return profiles
 
 
 def precision_row(name):
@@ -76,7 +92,8 @@ def precision_row(name):
 
 def launch_row(block_v, warps, num_stages):
     pallas_gpu.MAX_BLOCK_V = block_v
-    pallas_gpu.TRITON_PARAMS = dict(num_warps=warps, num_stages=num_stages)
+    pallas_gpu.TRITON_PARAMS = dict(num_warps=warps)
+    pallas_gpu.NUM_STAGES_16BIT = num_stages
     args = jax_args(make_inputs(1, 65536))
     return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10))
 
@@ -115,6 +132,12 @@ def main(argv=None):
     stage_rows, gib = stages()
     print_table(stage_rows, ["stage", "ms"])
     print(f"per-chunk terms + entry states + V': {gib:.2f} GiB\n")
+    profiles = kernel_profiles()
+    for p in profiles:
+        print(f"{p['workload']}: wall {p['wall_ms']:.2f} ms, kernels {p['busy_ms']:.2f} ms, "
+              f"{p['kernels_per_call']:.0f} launches")
+        print_table(p["top"][:12], ["kernel", "us_per_call", "launches_per_call"])
+        print()
     precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
     print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
     print()
@@ -122,7 +145,7 @@ def main(argv=None):
                    for b, w, st in LAUNCHES]
     print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
     write_json(args.out, dict(benchmark="delta_rule_gpu_tuning", device=device, stages=stage_rows,
-                              terms_gib=gib, precision=precision_rows, launch=launch_rows))
+                              terms_gib=gib, kernels=profiles, precision=precision_rows, launch=launch_rows))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The gated delta rule (Gated DeltaNet's token mixer): one public function, several impls.
 
-``gated_delta_rule`` checks its inputs, casts them to float32 (state math is float32 whatever
-the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, and dispatches:
+``gated_delta_rule`` checks its inputs, casts g, beta and the state to float32 and q, k, v to the
+matmul operand dtype (bf16/f16 inputs stay 16-bit, halving the bytes the chunked impls move; the
+recurrence and all decay and state math are float32 whatever the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, and dispatches:
 
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
@@ -108,9 +109,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
     fn = IMPLS[resolve_impl(impl, seq_len)]
     if scale is None:
         scale = d_k ** -0.5
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    matmul_dtype = matmul_dtype_for(v.dtype)
+    qkv = [x.astype(matmul_dtype) for x in (q, k, v)]  # only ever matmul operands, or promoted to float32
+    g, beta = (x.astype(jnp.float32) for x in (g, beta))
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
     reset = segment_resets(segment_ids, seq_len, batch)
-    o, final_state = fn(*f32, float(scale), initial_state.astype(jnp.float32), reset, matmul_dtype_for(v.dtype))
+    o, final_state = fn(*qkv, g, beta, float(scale), initial_state.astype(jnp.float32), reset, matmul_dtype)
     return o.astype(v.dtype), final_state

@@ -25,8 +25,8 @@ and masked entries are zeroed in the exponent *before* ``exp``, so strong decays
 cleanly to 0, stay float32-accurate afterwards, and gradients stay finite. Decays, the
 triangular inverse and the state walk are float32 at HIGHEST precision. ``matmul_dtype``
 bfloat16/float16 (used for bf16/f16 inputs, as FLA does) gives the input-facing matmuls
-(``K K^T``, ``Q K^T``, W, U and the outputs) operands in that dtype with float32 accumulation.
-Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
+(``K K^T``, ``Q K^T``, W, U and the outputs) operands in that dtype with float32 accumulation,
+and the chunk terms (W, U, decayed keys and queries) are stored in it. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ CHUNK_SIZE = 64
 
 class ChunkTerms(NamedTuple):
     """Per-chunk quantities that do not depend on the state; layout ``[B, H, N, C, ...]``.
+
+    All but ``decay`` are stored in the matmul operand dtype (bf16 for bf16 inputs, as FLA
+    stores them): every consumer uses them as matmul operands, so a float32 copy would only
+    double the bytes that the walk and the outputs read.
 
     w ``[.., C, K]``, u ``[.., C, V]``: the WY/UT terms (``V' = U - W S``); k_out ``[.., C, K]``:
     keys decayed to the chunk end (state update ``S <- d S + k_out^T V'``); decay ``[B, H, N]``:
@@ -95,16 +99,18 @@ def prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size=CHUNK_SIZE, matmul
     inverse = unit_lower_inverse(a)  # (I + A)^-1, [B, H, N, C, C]
     w = _mm("bhnij,bhnjk->bhnik", inverse, (beta * decay_in)[..., None] * k, dtype=matmul_dtype)
     u = _mm("bhnij,bhnjv->bhniv", inverse, beta[..., None] * v, dtype=matmul_dtype)
-    q_scaled = q * scale
+    q_scaled = q.astype(jnp.float32) * scale
     attn = _mm("bhnik,bhnjk->bhnij", q_scaled, k, dtype=matmul_dtype) * decay
-    return ChunkTerms(w=w, u=u, k_out=k * decay_out[..., None], decay=decay_chunk,
-                      q_in=q_scaled * decay_in[..., None], attn=attn)
+    stored = lambda x: x.astype(matmul_dtype)
+    return ChunkTerms(w=stored(w), u=stored(u), k_out=stored(k * decay_out[..., None]), decay=decay_chunk,
+                      q_in=stored(q_scaled * decay_in[..., None]), attn=stored(attn))
 
 
 def walk_states(terms: ChunkTerms, initial_state):
     """The sequential part, as a ``lax.scan`` over chunks: per chunk ``V' = U - W S`` and
-    ``S <- d S + k_out^T V'``. Returns entry states ``[B, H, N, K, V]``, ``V'`` ``[B, H, N, C, V]``
-    and the final state ``[B, H, K, V]``."""
+    ``S <- d S + k_out^T V'`` (float32 at HIGHEST precision whatever the terms' dtype).
+    Returns entry states ``[B, H, N, K, V]``, ``V'`` ``[B, H, N, C, V]`` (float32) and the
+    final state ``[B, H, K, V]``."""
 
     def step(state, xs):
         w_c, u_c, k_c, d_c = xs
@@ -130,7 +136,8 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
-      q, k: ``[B, T, H, K]`` float32; v: ``[B, T, H, V]`` float32.
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32, or ``matmul_dtype``: they are only
+        matmul operands, or promoted to float32 where scaled).
       g, beta: ``[B, T, H]`` float32.
       scale: python float multiplying q.
       initial_state: ``[B, H, K, V]`` float32.

@@ -19,12 +19,16 @@ from jax.experimental import pallas as pl
 from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
                                                      forward_out_shapes, forward_step, make_walk,
                                                      walk_states_with)
-# Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py): V-blocks of 32
-# (128 programs for 16 heads, filling the GPU) with 2 pipeline stages on the chunk loop: 13.2 ms,
-# against 18.9 ms for 64 / 1 stage; 128-wide blocks, or 3 stages at 64, exceed shared memory.
+# Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
+# V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
+# the chunk loop: 3 for 16-bit terms (6.78 ms end to end against 7.24 ms with 2; 64- and
+# 128-wide blocks and 8 warps were slower), 2 for float32 terms (the setting measured for them;
+# their tiles are twice the bytes).
 MAX_BLOCK_V = 32  # V-block per program: B * H * V / MAX_BLOCK_V programs walk in parallel
-TRITON_PARAMS = dict(num_warps=4, num_stages=2)
-# In-kernel float32 matmuls on GPU, see _backend_params. These three are read when a kernel is
+TRITON_PARAMS = dict(num_warps=4)
+NUM_STAGES_16BIT = 3
+NUM_STAGES_F32 = 2
+# In-kernel float32 matmuls on GPU, see _backend_params. These settings are read when a kernel is
 # first traced (Pallas caches traced kernels): benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting.
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
@@ -36,7 +40,7 @@ def _chunk_io(n, refs: dict):
     whole sequence ``[N, ...]``."""
 
     def load(name):
-        return refs[name][n].astype(F32)
+        return refs[name][n]
 
     def store(name, value):
         refs[name][n] = value.astype(refs[name].dtype)
@@ -52,21 +56,22 @@ def _walk_forward_kernel(w_ref, u_ref, k_ref, d_ref, s0_ref, states_ref, v_new_r
     final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, s0_ref[...].astype(F32)).astype(final_ref.dtype)
 
 
-def _walk_backward_kernel(w_ref, k_ref, d_ref, states_ref, v_new_ref, d_states_ref, d_v_new_ref, d_final_ref,
-                          d_w_ref, d_u_ref, d_k_ref, d_d_ref, d_s0_ref, *, precision):
-    """Reverse walk of one program; d_w, d_k ``[N, C, K]`` and d_d ``[N, K, 1]`` are this V-block's
-    partial sums."""
+def _walk_backward_kernel(w_ref, k_ref, d_ref, d_states_ref, d_v_new_ref, d_final_ref, d_u_ref, d_next_ref,
+                          d_s0_ref, *, precision):
+    """Reverse walk of one program; d_u ``[N, C, BV]``, d_next ``[N, K, BV]`` per chunk."""
     n_chunks = w_ref.shape[0]
-    refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, states=states_ref, v_new=v_new_ref, d_states=d_states_ref,
-                d_v_new=d_v_new_ref, d_w=d_w_ref, d_u=d_u_ref, d_k_out=d_k_ref, d_decay=d_d_ref)
+    refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, d_states=d_states_ref, d_v_new=d_v_new_ref, d_u=d_u_ref,
+                d_next=d_next_ref)
     chunk = lambda i, d_state: backward_step(*_chunk_io(n_chunks - 1 - i, refs), d_state, precision)
     d_s0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, d_final_ref[...].astype(F32)).astype(d_s0_ref.dtype)
 
 
-def _backend_params():
-    """``(interpret, compiler_params, precision)`` for the default backend.
+def _backend_params(terms_dtype):
+    """``(interpret, compiler_params, precision)`` for the default backend and terms of
+    ``terms_dtype``.
 
-    GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on tensor cores.
+    16-bit terms: 16-bit operands at the tensor cores' native rate (float32 accumulation).
+    float32 terms: GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on tensor cores.
     Measured on an H200 at T16384 (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md): plain TF32
     (Triton's default, and what ``Precision.HIGH`` lowers to) left 4e-4 relative error in the
     state; IEEE float32 (``HIGHEST``) ran ~30x slower than TF32 end to end at 64-wide V-blocks
@@ -75,7 +80,9 @@ def _backend_params():
     backend = jax.default_backend()
     if backend == "gpu":
         from jax.experimental.pallas import triton as pltriton
-        return False, pltriton.CompilerParams(**TRITON_PARAMS), GPU_PRECISION
+        f32 = terms_dtype == F32
+        params = pltriton.CompilerParams(**TRITON_PARAMS, num_stages=NUM_STAGES_F32 if f32 else NUM_STAGES_16BIT)
+        return False, params, GPU_PRECISION if f32 else None
     if backend == "cpu":
         return True, None, jax.lax.Precision.HIGHEST
     raise ValueError(f"the Triton walk kernels run on GPU (or interpreted on CPU), not on {backend!r}")
@@ -92,11 +99,6 @@ def _by_group_v(*block):
     return pl.BlockSpec((pl.squeezed, *block), lambda g, j: (g,) + (0,) * (len(block) - 1) + (j,))
 
 
-def _partial_sum(*block):
-    """Group g's partial result from V-block j (summed over j afterwards)."""
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, *block), lambda g, j: (g, j) + (0,) * len(block))
-
-
 def _block_v(d_v):
     return min(d_v, MAX_BLOCK_V)
 
@@ -106,36 +108,33 @@ def _forward_call(w, u, k_out, decay, s0):
     groups, n, c, d_k = w.shape
     d_v = u.shape[-1]
     bv = _block_v(d_v)
-    interpret, params, precision = _backend_params()
+    interpret, params, precision = _backend_params(w.dtype)
     return pl.pallas_call(
         functools.partial(_walk_forward_kernel, precision=precision),
         grid=(groups, d_v // bv),
         in_specs=[_by_group(n, c, d_k), _by_group_v(n, c, bv), _by_group(n, c, d_k), _by_group(n, d_k, 1),
                   _by_group_v(d_k, bv)],
         out_specs=[_by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
-        out_shape=forward_out_shapes(groups, n, c, d_k, d_v),
+        out_shape=forward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
         interpret=interpret, compiler_params=params, name="gdn_state_walk_fwd",
     )(w, u, k_out, decay, s0)
 
 
-def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
+def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     """``WalkCalls.backward`` (shapes there)."""
     groups, n, c, d_k = w.shape
-    d_v = v_new.shape[-1]
+    d_v = d_v_new.shape[-1]
     bv = _block_v(d_v)
-    blocks_v = d_v // bv
-    interpret, params, precision = _backend_params()
-    d_w, d_u, d_k, d_d, d_s0 = pl.pallas_call(
+    interpret, params, precision = _backend_params(w.dtype)
+    return pl.pallas_call(
         functools.partial(_walk_backward_kernel, precision=precision),
-        grid=(groups, blocks_v),
+        grid=(groups, d_v // bv),
         in_specs=[_by_group(n, c, d_k), _by_group(n, c, d_k), _by_group(n, d_k, 1), _by_group_v(n, d_k, bv),
-                  _by_group_v(n, c, bv), _by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
-        out_specs=[_partial_sum(n, c, d_k), _by_group_v(n, c, bv), _partial_sum(n, c, d_k), _partial_sum(n, d_k, 1),
-                   _by_group_v(d_k, bv)],
-        out_shape=backward_out_shapes(groups, blocks_v, n, c, d_k, d_v),
+                  _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
+        out_specs=[_by_group_v(n, c, bv), _by_group_v(n, d_k, bv), _by_group_v(d_k, bv)],
+        out_shape=backward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd",
-    )(w, k_out, decay, states, v_new, d_states, d_v_new, d_final)
-    return d_w.sum(1), d_u, d_k.sum(1), d_d.sum(1), d_s0
+    )(w, k_out, decay, d_states, d_v_new, d_final)
 
 
 def _next_power_of_two(x, minimum=MIN_DOT_DIM):

@@ -10,7 +10,8 @@ reverse through its index maps.
 Tiles are legal on TPU by construction: every block's last two dims are either the array's
 full dims or (C, 128-multiples): C = 64 rows (a multiple of 8), K whole, V split in
 ``BLOCK_V`` = 128-lane blocks when it divides V (else whole). The per-chunk decay travels as a
-``[K, 1]`` column (full dims). Matmuls are float32 at HIGHEST precision.
+``[K, 1]`` column (full dims). Matmuls take the terms' dtype (float32 or bf16) at HIGHEST
+precision with float32 accumulation; the carried state is float32.
 
 On CPU the same kernels run in the TPU interpreter (``pltpu.InterpretParams``), and tests lower
 them for TPU through ``jax.export`` (the Mosaic lowering runs without a TPU).
@@ -54,16 +55,11 @@ def _state_tile(d_k, bv):
     return pl.BlockSpec((pl.squeezed, d_k, bv), lambda g, j, i: (g, 0, j))
 
 
-def _partial_tile(rows, cols, chunk):
-    """V-block j's partial sum for chunk ``chunk(i)`` of a ``[G, blocks_v, N, rows, cols]`` array."""
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, rows, cols), lambda g, j, i: (g, j, chunk(i), 0, 0))
-
-
 def _tile_io(refs: dict):
     """``load``/``store`` of the current grid step's tiles for the shared step math."""
 
     def load(name):
-        return refs[name][...].astype(F32)
+        return refs[name][...]
 
     def store(name, value):
         refs[name][...] = value.astype(refs[name].dtype)
@@ -89,8 +85,8 @@ def _walk_forward_kernel(w_ref, u_ref, k_ref, d_ref, s0_ref, states_ref, v_new_r
         final_ref[...] = state.astype(final_ref.dtype)
 
 
-def _walk_backward_kernel(w_ref, k_ref, d_ref, states_ref, v_new_ref, d_states_ref, d_v_new_ref, d_final_ref,
-                          d_w_ref, d_u_ref, d_k_ref, d_d_ref, d_s0_ref, d_state_scr):
+def _walk_backward_kernel(w_ref, k_ref, d_ref, d_states_ref, d_v_new_ref, d_final_ref, d_u_ref, d_next_ref,
+                          d_s0_ref, d_state_scr):
     """Grid step i = chunk N-1-i; ``d_state_scr`` carries dL/dS_{n+1} across steps."""
     step = pl.program_id(2)
 
@@ -98,8 +94,8 @@ def _walk_backward_kernel(w_ref, k_ref, d_ref, states_ref, v_new_ref, d_states_r
     def _():
         d_state_scr[...] = d_final_ref[...].astype(F32)
 
-    refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, states=states_ref, v_new=v_new_ref, d_states=d_states_ref,
-                d_v_new=d_v_new_ref, d_w=d_w_ref, d_u=d_u_ref, d_k_out=d_k_ref, d_decay=d_d_ref)
+    refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, d_states=d_states_ref, d_v_new=d_v_new_ref, d_u=d_u_ref,
+                d_next=d_next_ref)
     d_state = backward_step(*_tile_io(refs), d_state_scr[...], _PRECISION)
     d_state_scr[...] = d_state
 
@@ -121,34 +117,30 @@ def _forward_call(w, u, k_out, decay, s0):
         in_specs=[_chunk_tile(c, d_k, forward, False), _chunk_tile(c, bv, forward, True),
                   _chunk_tile(c, d_k, forward, False), _chunk_tile(d_k, 1, forward, False), _state_tile(d_k, bv)],
         out_specs=[_chunk_tile(d_k, bv, forward, True), _chunk_tile(c, bv, forward, True), _state_tile(d_k, bv)],
-        out_shape=forward_out_shapes(groups, n, c, d_k, d_v),
+        out_shape=forward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
         scratch_shapes=[pltpu.VMEM((d_k, bv), F32)],
         interpret=interpret, compiler_params=params, name="gdn_state_walk_fwd_tpu",
     )(w, u, k_out, decay, s0)
 
 
-def _backward_call(w, k_out, decay, states, v_new, d_states, d_v_new, d_final):
+def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     """``WalkCalls.backward`` (shapes there)."""
     groups, n, c, d_k = w.shape
-    d_v = v_new.shape[-1]
+    d_v = d_v_new.shape[-1]
     bv = _block_v(d_v)
-    blocks_v = d_v // bv
     interpret, params = _launch_params()
     reverse = lambda i: n - 1 - i
-    d_w, d_u, d_k, d_d, d_s0 = pl.pallas_call(
+    return pl.pallas_call(
         _walk_backward_kernel,
-        grid=(groups, blocks_v, n),
+        grid=(groups, d_v // bv, n),
         in_specs=[_chunk_tile(c, d_k, reverse, False), _chunk_tile(c, d_k, reverse, False),
                   _chunk_tile(d_k, 1, reverse, False), _chunk_tile(d_k, bv, reverse, True),
-                  _chunk_tile(c, bv, reverse, True), _chunk_tile(d_k, bv, reverse, True),
                   _chunk_tile(c, bv, reverse, True), _state_tile(d_k, bv)],
-        out_specs=[_partial_tile(c, d_k, reverse), _chunk_tile(c, bv, reverse, True), _partial_tile(c, d_k, reverse),
-                   _partial_tile(d_k, 1, reverse), _state_tile(d_k, bv)],
-        out_shape=backward_out_shapes(groups, blocks_v, n, c, d_k, d_v),
+        out_specs=[_chunk_tile(c, bv, reverse, True), _chunk_tile(d_k, bv, reverse, True), _state_tile(d_k, bv)],
+        out_shape=backward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
         scratch_shapes=[pltpu.VMEM((d_k, bv), F32)],
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd_tpu",
-    )(w, k_out, decay, states, v_new, d_states, d_v_new, d_final)
-    return d_w.sum(1), d_u, d_k.sum(1), d_d.sum(1), d_s0
+    )(w, k_out, decay, d_states, d_v_new, d_final)
 
 
 _walk = make_walk(WalkCalls(_forward_call, _backward_call))

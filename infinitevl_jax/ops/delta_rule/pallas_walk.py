@@ -7,13 +7,15 @@ the state on-chip (float32) per (batch x head, V-block) and walk the chunks:
 
     forward, chunk n:   S_n is stored;  V'_n = U_n - W_n S_n;  S_{n+1} = d_n S_n + k_out_n^T V'_n
     backward, n = N-1..0, carrying dS = dL/dS_{n+1} (starting from dL/dS_final):
-        dV   = dL/dV'_n + k_out_n dS            dU_n = dV
-        dW_n = -dV S_n^T                        dk_out_n = V'_n dS^T
-        dd_n = <S_n, dS>                        dS <- d_n dS - W_n^T dV + dL/dS_n
+        dV   = dL/dV'_n + k_out_n dS            dU_n = dV;  dS is stored per chunk
+        dS  <- d_n dS - W_n^T dV + dL/dS_n
+    then, chunk-parallel in XLA from the stored dV and dS_{n+1}:
+        dW_n = -dV S_n^T    dk_out_n = V'_n dS_{n+1}^T    dd_n = <S_n, dS_{n+1}>
 
 The backward recomputes nothing per token and reads the saved chunk-entry states: memory is
-O(T (K + V) + (T / C) K V) per head. W, k_out and dd partial sums over V-blocks are added in XLA.
-This module holds the per-chunk math (used inside both backends' kernels) and the
+O(T (K + V) + (T / C) K V) per head. Entry states, V', dV and dS_{n+1} are stored in the
+terms' dtype (bf16 for bf16 inputs, halving the walk's HBM traffic, as FLA stores its chunk
+states); the carried state is float32 on-chip. This module holds the per-chunk math (used inside both backends' kernels) and the
 ``custom_vjp`` wiring; ``pallas_gpu`` (Triton, a loop over chunks inside each program) and
 ``pallas_tpu`` (Mosaic, the chunk axis a sequential grid axis, state in VMEM scratch) hold the
 kernels and their launches.
@@ -26,6 +28,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.chunk_math import mm
+
 F32 = jnp.float32
 
 
@@ -37,62 +41,81 @@ def dot(a, b, precision, contract=((1,), (0,))):
 def forward_step(load, store, state, precision):
     """One chunk of the forward walk; returns S_{n+1} ``[K, BV]`` (float32).
 
-    ``load(name)`` returns chunk n's float32 tile: ``w``, ``k_out`` ``[C, K]``, ``u`` ``[C, BV]``,
-    ``decay`` ``[K, 1]``; ``store(name, value)`` writes ``states`` (S_n ``[K, BV]``) and ``v_new``
-    (V'_n ``[C, BV]``). Tiles are loaded where they are first needed and results stored as soon as
-    they exist: on GPU each load and store is an instruction at that point of the program, and
-    loading everything up front made the Triton kernels 1.6x slower (register pressure).
+    ``load(name)`` returns chunk n's tile in its stored dtype: ``w``, ``k_out`` ``[C, K]``,
+    ``u`` ``[C, BV]`` (the terms' dtype, float32 or bf16), ``decay`` ``[K, 1]`` (float32);
+    ``store(name, value)`` writes ``states`` (S_n ``[K, BV]``) and ``v_new`` (V'_n ``[C, BV]``),
+    cast to their arrays' dtype. Matmul operands take the terms' dtype (bf16 terms: the state
+    and V' enter the matmuls rounded to bf16, FLA's choice) and accumulate in float32; the
+    carried state stays float32. Tiles are loaded where they are first needed and results
+    stored as soon as they exist: on GPU each load and store is an instruction at that point of
+    the program, and loading everything up front made the Triton kernels 1.6x slower (register
+    pressure).
     """
     store("states", state)
-    v_new = load("u") - dot(load("w"), state, precision)
+    w = load("w")
+    v_new = load("u").astype(F32) - dot(w, state.astype(w.dtype), precision)
     store("v_new", v_new)
-    update = dot(load("k_out"), v_new, precision, contract=((0,), (0,)))
+    update = dot(load("k_out"), v_new.astype(w.dtype), precision, contract=((0,), (0,)))
     return load("decay") * state + update
 
 
 def backward_step(load, store, d_state, precision):
-    """One chunk of the reverse walk, from ``d_state`` = dL/dS_{n+1}; returns dL/dS_n.
+    """One chunk of the reverse walk, from ``d_state`` = dL/dS_{n+1}; returns dL/dS_n (float32).
 
-    ``load`` also gives ``states`` (S_n), ``v_new``, and the incoming cotangents ``d_states``
-    (dL/dS_n from outside) and ``d_v_new``; ``store`` writes ``d_u`` ``[C, BV]``, this V-block's
-    parts of ``d_w`` and ``d_k_out`` ``[C, K]`` and of ``d_decay`` ``[K, 1]``.
+    ``load`` gives ``w``, ``k_out``, ``decay`` and the incoming cotangents ``d_states`` (dL/dS_n
+    from outside, ``[K, BV]``) and ``d_v_new`` (``[C, BV]``); ``store`` writes ``d_u`` = dV
+    ``[C, BV]`` and ``d_next`` = dL/dS_{n+1} ``[K, BV]``, from which ``chunk_gradients`` forms
+    dW, dk_out and dd outside the walk. Operand dtypes as in ``forward_step``.
     """
-    state = load("states")
-    d_v = load("d_v_new") + dot(load("k_out"), d_state, precision)
+    k_out = load("k_out")
+    operand = lambda x: x.astype(k_out.dtype)
+    store("d_next", d_state)
+    d_v = load("d_v_new").astype(F32) + dot(k_out, operand(d_state), precision)
     store("d_u", d_v)
-    store("d_w", -dot(d_v, state, precision, contract=((1,), (1,))))
-    store("d_k_out", dot(load("v_new"), d_state, precision, contract=((1,), (1,))))
-    store("d_decay", jnp.sum(state * d_state, axis=1, keepdims=True))
-    carried = dot(load("w"), d_v, precision, contract=((0,), (0,)))
-    return load("decay") * d_state - carried + load("d_states")
+    carried = dot(load("w"), operand(d_v), precision, contract=((0,), (0,)))
+    return load("decay") * d_state - carried + load("d_states").astype(F32)
+
+
+def chunk_gradients(states, v_new, d_u, d_next):
+    """The per-chunk gradients that need no walk, all chunks at once (batched matmuls over the
+    whole V, so the walk kernels write no per-V-block partial sums):
+    dW_n = -dV_n S_n^T, dk_out_n = V'_n dS_{n+1}^T (``[G, N, C, K]``, the terms' dtype) and
+    dd_n = <S_n, dS_{n+1}> (``[G, N, K, 1]`` float32: the sum over V, summed over K by the
+    caller's broadcast). Matmul operands in the terms' dtype, float32 accumulation."""
+    dtype = states.dtype
+    d_w = -mm("gncv,gnkv->gnck", d_u, states, dtype=dtype)
+    d_k_out = mm("gncv,gnkv->gnck", v_new, d_next, dtype=dtype)
+    d_decay = jnp.sum(states.astype(F32) * d_next.astype(F32), axis=-1, keepdims=True)
+    return d_w.astype(dtype), d_k_out.astype(dtype), d_decay
 
 
 class WalkCalls(NamedTuple):
     """A backend's kernel launches on flat groups G = batch x heads.
 
     forward(w, u, k_out, decay, s0) -> (states [G,N,K,V], v_new [G,N,C,V], final [G,K,V]) with
-      w, k_out ``[G, N, C, K]``, u ``[G, N, C, V]``, decay ``[G, N, K, 1]`` (the chunk's total
-      decay repeated over K: a column per chunk, so no kernel reshapes it), s0 ``[G, K, V]``;
-    backward(w, k_out, decay, states, v_new, d_states, d_v_new, d_final) ->
-      (d_w, d_u, d_k_out, d_decay, d_s0), V-block partial sums already added.
+      w, k_out ``[G, N, C, K]``, u ``[G, N, C, V]`` (all three in the terms' dtype), decay
+      ``[G, N, K, 1]`` (the chunk's total decay repeated over K: a column per chunk, so no kernel
+      reshapes it), s0 ``[G, K, V]``; states and v_new in the terms' dtype, final float32;
+    backward(w, k_out, decay, d_states, d_v_new, d_final) -> (d_u [G,N,C,V], d_next [G,N,K,V],
+      d_s0 [G,K,V]): dV and dL/dS_{n+1} per chunk in the terms' dtype, d_s0 float32.
     """
 
     forward: Callable
     backward: Callable
 
 
-def forward_out_shapes(groups: int, n: int, c: int, d_k: int, d_v: int) -> list[jax.ShapeDtypeStruct]:
-    """Outputs of every backend's forward walk kernel: states, v_new, final state (float32)."""
-    return [jax.ShapeDtypeStruct((groups, n, d_k, d_v), F32), jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
+def forward_out_shapes(groups: int, n: int, c: int, d_k: int, d_v: int, dtype) -> list[jax.ShapeDtypeStruct]:
+    """Outputs of every backend's forward walk kernel: states and v_new in the terms' ``dtype``,
+    the final state in float32."""
+    return [jax.ShapeDtypeStruct((groups, n, d_k, d_v), dtype), jax.ShapeDtypeStruct((groups, n, c, d_v), dtype),
             jax.ShapeDtypeStruct((groups, d_k, d_v), F32)]
 
 
-def backward_out_shapes(groups: int, blocks_v: int, n: int, c: int, d_k: int, d_v: int) -> list[jax.ShapeDtypeStruct]:
-    """Outputs of every backend's backward walk kernel: per-V-block partial d_w, d_k_out and
-    d_decay (summed by the caller), d_u, d_s0 (float32)."""
-    return [jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32), jax.ShapeDtypeStruct((groups, n, c, d_v), F32),
-            jax.ShapeDtypeStruct((groups, blocks_v, n, c, d_k), F32),
-            jax.ShapeDtypeStruct((groups, blocks_v, n, d_k, 1), F32), jax.ShapeDtypeStruct((groups, d_k, d_v), F32)]
+def backward_out_shapes(groups: int, n: int, c: int, d_k: int, d_v: int, dtype) -> list[jax.ShapeDtypeStruct]:
+    """Outputs of every backend's backward walk kernel: d_u and d_next in the terms' ``dtype``,
+    d_s0 in float32."""
+    return [jax.ShapeDtypeStruct((groups, n, c, d_v), dtype), jax.ShapeDtypeStruct((groups, n, d_k, d_v), dtype),
+            jax.ShapeDtypeStruct((groups, d_k, d_v), F32)]
 
 
 def make_walk(calls: WalkCalls) -> Callable:
@@ -107,7 +130,11 @@ def make_walk(calls: WalkCalls) -> Callable:
         return (states, v_new, final), (w, k_out, decay, states, v_new)
 
     def walk_bwd(residuals, cotangents):
-        return calls.backward(*residuals, *cotangents)
+        w, k_out, decay, states, v_new = residuals
+        d_states, d_v_new, d_final = cotangents
+        d_u, d_next, d_s0 = calls.backward(w, k_out, decay, d_states, d_v_new, d_final)
+        d_w, d_k_out, d_decay = chunk_gradients(states, v_new, d_u, d_next)
+        return d_w, d_u, d_k_out, d_decay, d_s0
 
     walk.defvjp(walk_fwd, walk_bwd)
     return walk

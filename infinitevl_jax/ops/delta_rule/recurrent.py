@@ -25,7 +25,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, ma
     """Sequential gated delta rule.
 
     Args:
-      q, k: ``[B, T, H, K]`` float32; v: ``[B, T, H, V]`` float32.
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (any float dtype; promoted to float32).
       g: ``[B, T, H]`` float32 log-decay (<= 0); beta: ``[B, T, H]`` float32.
       scale: python float multiplying q.
       initial_state: ``[B, H, K, V]`` float32.
@@ -46,6 +46,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, ma
         o_t = jnp.sum(state * (q_t * scale)[..., :, None], axis=-2)  # S^T (scale q)
         return state, o_t
 
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, reset)]
     final_state, o = jax.lax.scan(step, initial_state, time_major)
     return jnp.moveaxis(o, 0, 1), final_state

@@ -1,0 +1,63 @@
+"""Device kernels of a jitted call, from a ``jax.profiler`` trace (shared by the GPU profiles).
+
+``profile(name, run, calls)`` times ``run()`` (which blocks) untraced, then traces ``calls`` more
+and sums the device events by kernel name: wall ms, device-busy ms (the sum of kernel times),
+kernels per call and the top kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tempfile
+import time
+
+TOP_KERNELS = 25
+
+
+def device_events(trace_dir: str) -> list[tuple[str, float]]:
+    """``(kernel name, ns)`` of every device event (one with an ``hlo_op``) in the trace under
+    ``trace_dir``. GPU: kernel events of the device planes' stream lines; CPU: XLA op events of
+    the host's XLA threads."""
+    import jax
+
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    events = []
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        on_gpu = plane.name.startswith("/device:GPU")
+        if not (on_gpu or plane.name == "/host:CPU"):
+            continue
+        for line in plane.lines:
+            if on_gpu and not line.name.startswith("Stream"):
+                continue  # the "XLA Modules"/"XLA Ops" lines span the same kernels
+            for event in line.events:
+                if "hlo_op" in dict(event.stats):
+                    events.append((event.name, event.duration_ns))
+    return events
+
+
+def profile(name: str, run, calls: int) -> dict:
+    """Wall ms per call of ``run()`` (which blocks), then its device kernels per call under a trace."""
+    import jax
+
+    run()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    wall_ms = (time.perf_counter() - start) / calls * 1e3
+    trace_dir = tempfile.mkdtemp(prefix=f"profile_{name}_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            run()
+    events = device_events(trace_dir)
+    by_kernel = collections.defaultdict(lambda: [0.0, 0])
+    for kernel, ns in events:  # by kernel: XLA's command buffers (CUDA graphs) put many under one hlo_op
+        entry = by_kernel[kernel]
+        entry[0] += ns
+        entry[1] += 1
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    busy_ms = sum(ns for _, ns in events) / calls / 1e6
+    return dict(workload=name, wall_ms=wall_ms, busy_ms=busy_ms, kernels_per_call=len(events) / calls,
+                top=[dict(kernel=kernel[:90], us_per_call=ns / calls / 1e3, launches_per_call=n / calls)
+                     for kernel, (ns, n) in top])
