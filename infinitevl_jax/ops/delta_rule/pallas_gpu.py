@@ -21,7 +21,7 @@ from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_
                                                      walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
 # V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
-# the chunk loop: 3 for 16-bit terms (6.78 ms end to end against 7.24 ms with 2; 64- and
+# the chunk loop: 3 for 16-bit terms (6.65 ms end to end against 7.15 ms with 2; 64- and
 # 128-wide blocks and 8 warps were slower), 2 for float32 terms (the setting measured for them;
 # their tiles are twice the bytes).
 MAX_BLOCK_V = 32  # V-block per program: B * H * V / MAX_BLOCK_V programs walk in parallel
