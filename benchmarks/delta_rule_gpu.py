@@ -1,6 +1,7 @@
 """Gated delta rule on an NVIDIA GPU: Pallas vs our chunked JAX impl vs FLA 0.6.0 (Triton).
 
     python -m benchmarks.delta_rule_gpu [--out benchmarks/results/delta_rule_gpu.json] [--no-fla]
+        [--shapes 1x4096 1x65536 ...] [--impls pallas chunked]
 
 1. Correctness on the GPU: Pallas against the pure-JAX chunked impl (relative max error of the
    outputs, final state and all gradients) at B1 T4096 and at a ragged B2 T300 (5 chunks).
@@ -102,11 +103,24 @@ def floor_ms(tokens, flop, byte, device):
     return tokens * H * max(flop / peak_flops, byte / peak_bw) * 1e3
 
 
+def _shape(text):
+    """``"1x65536"`` -> (1, 65536)."""
+    try:
+        batch, seq_len = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxLENGTH such as 1x65536, got {text!r}") from None
+    return batch, seq_len
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/delta_rule_gpu.json")
     parser.add_argument("--no-fla", action="store_true", help="skip FLA (not installed)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="BxT",
+                        help="batch x length cases to time (default: %(default)s)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="our impls to time (the correctness check always runs both)")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit("error: this benchmark needs a GPU (jax.default_backend() is "
@@ -121,20 +135,21 @@ def main(argv=None):
 
     fla = None if args.no_fla else FLA()
     rows = []
-    for batch, seq_len in SHAPES:
+    for batch, seq_len in args.shapes:
         x = make_inputs(batch, seq_len)
         args_jax = jax_args(x)
         for mode, make, flop, byte in (("fwd", forward, FWD_FLOP, FWD_BYTES),
                                        ("fwd+bwd", forward_backward, FWD_FLOP + BWD_FLOP, FWD_BYTES + BWD_BYTES)):
             row = dict(B=batch, T=seq_len, mode=mode)
-            for impl in IMPLS:
+            for impl in args.impls:
                 row[f"{impl}_ms"] = median_ms(make(impl), *args_jax, warmup=2, iters=args.iters)
             if fla is not None:
                 row["fla_ms"] = fla.median_ms(x, backward=mode == "fwd+bwd", iters=args.iters)
-                row["pallas_speedup_vs_fla"] = row["fla_ms"] / row["pallas_ms"]
-                row["chunked_speedup_vs_fla"] = row["fla_ms"] / row["chunked_ms"]
+                for impl in args.impls:
+                    row[f"{impl}_speedup_vs_fla"] = row["fla_ms"] / row[f"{impl}_ms"]
             row["floor_ms"] = floor_ms(batch * seq_len, flop, byte, device)
-            row["pallas_roofline_fraction"] = row["floor_ms"] / row["pallas_ms"]
+            for impl in args.impls:
+                row[f"{impl}_roofline_fraction"] = row["floor_ms"] / row[f"{impl}_ms"]
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print()

@@ -1,5 +1,5 @@
-"""The Pallas walk kernels (interpreted on CPU) with several V-blocks and odd head dims, and the
-TPU kernels lowered for TPU (Mosaic) without a TPU."""
+"""The Pallas kernels (interpreted on CPU) with several V-blocks and odd head dims, the TPU
+kernels lowered for TPU (Mosaic) and the GPU kernels lowered for CUDA (Triton), without either."""
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +102,25 @@ def test_tpu_kernels_lower_to_mosaic_at_the_4b_head_dims(monkeypatch):
         q, k, v, g, beta)
     text = lowered.mlir_module()
     assert text.count("tpu_custom_call") == 2 and "gdn_state_walk_bwd_tpu" in text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype):
+    """Forward and backward lower through Pallas' Triton lowering for CUDA on any host (the
+    kernels' Triton IR is built at lowering time; PTX is compiled on the GPU): d_k 128, d_v 256,
+    chunk 64, with bf16 terms (16-bit inputs) and float32 terms (3xTF32 matmuls)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Triton, not the interpreter
+    shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, jnp.dtype(dt))
+    q = k = shape(1, 256, 2, 128)
+    v = shape(1, 256, 2, 256)
+    g, beta = shape(1, 256, 2, dt="float32"), shape(1, 256, 2)
+
+    def loss(q, k, v, g, beta):
+        o, state = gated_delta_rule(q, k, v, g, beta, impl="pallas_triton")
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(q, k, v, g, beta)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    for kernel in ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs"):
+        assert f'name = "{kernel}"' in text

@@ -7,7 +7,7 @@ recurrence and all decay and state math are float32 whatever the input dtype), t
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
 - ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in Pallas kernels
-  with a hand-written reverse walk for gradients: ``"pallas_triton"`` on GPU,
+  with a hand-written reverse walk for gradients (on GPU the outputs in a Pallas kernel too): ``"pallas_triton"`` on GPU,
   ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on CPU. Both named variants
   run on CPU in their interpreters (tests);
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
@@ -30,14 +30,14 @@ import jax.numpy as jnp
 from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
-from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_walk_states
+from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_chunk_outputs, gpu_walk_states
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
 IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
-    "pallas_triton": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states),
+    "pallas_triton": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states, outputs=gpu_chunk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 

@@ -123,16 +123,22 @@ def walk_states(terms: ChunkTerms, initial_state):
     return jnp.moveaxis(entry_states, 0, 2), jnp.moveaxis(v_new, 0, 2), final_state
 
 
-def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=jnp.float32):
-    """``O = q_in S_entry + attn V'`` for all chunks at once, back to ``[B, T, H, V]``."""
-    o = (_mm("bhnck,bhnkv->bhncv", terms.q_in, entry_states, dtype=matmul_dtype)
-         + _mm("bhnij,bhnjv->bhniv", terms.attn, v_new, dtype=matmul_dtype))  # [B, H, N, C, V]
+def padded_outputs(q_in, attn, entry_states, v_new, matmul_dtype=jnp.float32):
+    """``O = q_in S_entry + attn V'`` for all chunks at once (layouts as in ``ChunkTerms``), as
+    ``[B, N*C, H, V]`` float32 (the padded length)."""
+    o = (_mm("bhnck,bhnkv->bhncv", q_in, entry_states, dtype=matmul_dtype)
+         + _mm("bhnij,bhnjv->bhniv", attn, v_new, dtype=matmul_dtype))  # [B, H, N, C, V]
     batch, heads, n, c, d_v = o.shape
-    return jnp.moveaxis(o, 1, 3).reshape(batch, n * c, heads, d_v)[:, :seq_len]
+    return jnp.moveaxis(o, 1, 3).reshape(batch, n * c, heads, d_v)
+
+
+def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=jnp.float32):
+    """The outputs in XLA (``padded_outputs``), back to ``[B, T, H, V]`` float32."""
+    return padded_outputs(terms.q_in, terms.attn, entry_states, v_new, matmul_dtype)[:, :seq_len]
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32,
-                             chunk_size=CHUNK_SIZE, walk=walk_states):
+                             chunk_size=CHUNK_SIZE, walk=walk_states, outputs=chunk_outputs):
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
@@ -145,11 +151,14 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
       matmul_dtype: operand dtype of the input-facing matmuls (float32 or a 16-bit type).
       chunk_size: tokens per chunk ``C``.
       walk: the sequential part, ``(terms, initial_state) -> (entry states, V', final state)``;
-        ``walk_states`` (``lax.scan``) or the Pallas kernels (``pallas_gpu.pallas_walk_states``).
+        ``walk_states`` (``lax.scan``) or the Pallas kernels (``pallas_gpu.gpu_walk_states``).
+      outputs: ``(terms, entry states, V', T, matmul_dtype) -> o [B, T, H, V]``;
+        ``chunk_outputs`` (XLA) or a Pallas kernel (``pallas_gpu.gpu_chunk_outputs``).
 
     Returns:
-      o ``[B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
+      o ``[B, T, H, V]`` (float32 from XLA, the terms' dtype from a kernel) and the final state
+      ``[B, H, K, V]`` float32.
     """
     terms = prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
     entry_states, v_new, final_state = walk(terms, initial_state)
-    return chunk_outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state
+    return outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state

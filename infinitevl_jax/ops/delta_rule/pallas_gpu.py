@@ -1,8 +1,12 @@
-"""Pallas (Triton) kernels for the walk across chunks of the chunked gated delta rule on GPU.
+"""Pallas (Triton) kernels of the chunked gated delta rule on GPU: the walk across chunks and
+the outputs.
 
-The math and the ``custom_vjp`` wiring live in ``pallas_walk``. Here one Pallas program per
+The walk's math and ``custom_vjp`` wiring live in ``pallas_walk``. Here one Pallas program per
 (batch x head, V-block) holds its ``[K, BV]`` state slice in registers and walks all chunks in
-a ``fori_loop``, reading the whole sequence's chunk terms through its BlockSpecs.
+a ``fori_loop``, reading the whole sequence's chunk terms through its BlockSpecs. The outputs
+kernel (one program per group, chunk and V-block) forms ``q_in S + attn V'`` and writes it
+straight into the ``[B, T, H, V]`` layout; its VJP is XLA's (the outputs are linear in each
+operand).
 
 GPU lowering is Triton, chosen explicitly through ``compiler_params`` (jax 0.11 would otherwise
 lower ``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run
@@ -14,9 +18,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
+from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
+from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step, dot,
                                                      forward_out_shapes, forward_step, make_walk,
                                                      walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
@@ -25,6 +31,7 @@ from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_
 # 128-wide blocks and 8 warps were slower), 2 for float32 terms (the setting measured for them;
 # their tiles are twice the bytes).
 MAX_BLOCK_V = 32  # V-block per program: B * H * V / MAX_BLOCK_V programs walk in parallel
+MAX_BLOCK_V_OUT = 128  # V-block of the outputs kernel (one program per group, chunk and V-block)
 TRITON_PARAMS = dict(num_warps=4)
 NUM_STAGES_16BIT = 3
 NUM_STAGES_F32 = 2
@@ -148,3 +155,63 @@ def gpu_walk_states(terms, initial_state):
     """``chunked.walk_states`` on the Triton kernels; head dims padded to powers of two (>= 16)."""
     return walk_states_with(_walk, terms, initial_state,
                             lambda d_k, d_v: (_next_power_of_two(d_k), _next_power_of_two(d_v)))
+
+
+def _outputs_kernel(q_ref, a_ref, s_ref, v_ref, o_ref, *, precision):
+    """One (group, chunk, V-block): o ``[C, BV]`` = q_in ``[C, K]`` S ``[K, BV]`` + attn ``[C, C]``
+    V' ``[C, BV]``, float32 accumulation, stored in o's dtype."""
+    o = dot(q_ref[...], s_ref[...], precision) + dot(a_ref[...], v_ref[...], precision)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _outputs_call(q_in, attn, states, v_new):
+    """``[B, H, N, ...]`` terms (``ChunkTerms`` layouts) -> o ``[B, N*C, H, V]`` in the terms'
+    dtype, written by the kernel straight into the token-major layout (no transpose, no float32
+    copy); head dims padded to powers of two (>= 16) for Triton."""
+    batch, heads, n, c, d_k = q_in.shape
+    d_v = v_new.shape[-1]
+    pk, pv = _next_power_of_two(d_k), _next_power_of_two(d_v)
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    pad = lambda x, rows, cols: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, rows), (0, cols)))
+    q_in, states = pad(flat(q_in), 0, pk - d_k), pad(flat(states), pk - d_k, pv - d_v)
+    attn, v_new = flat(attn), pad(flat(v_new), 0, pv - d_v)
+    bv = min(pv, MAX_BLOCK_V_OUT)
+    interpret, params, precision = _backend_params(q_in.dtype)
+    whole = lambda rows, cols: pl.BlockSpec((pl.squeezed, pl.squeezed, rows, cols), lambda g, i, j: (g, i, 0, 0))
+    v_block = lambda rows: pl.BlockSpec((pl.squeezed, pl.squeezed, rows, bv), lambda g, i, j: (g, i, 0, j))
+    o = pl.pallas_call(
+        functools.partial(_outputs_kernel, precision=precision),
+        grid=(batch * heads, n, pv // bv),
+        in_specs=[whole(c, pk), whole(c, c), v_block(pk), v_block(c)],
+        out_specs=pl.BlockSpec((pl.squeezed, c, pl.squeezed, bv), lambda g, i, j: (g // heads, i, g % heads, j)),
+        out_shape=jax.ShapeDtypeStruct((batch, n * c, heads, pv), q_in.dtype),
+        interpret=interpret, compiler_params=params, name="gdn_chunk_outputs",
+    )(q_in, attn, states, v_new)
+    return o[..., :d_v]
+
+
+@jax.custom_vjp
+def _outputs(q_in, attn, states, v_new):
+    return _outputs_call(q_in, attn, states, v_new)
+
+
+def _outputs_fwd(q_in, attn, states, v_new):
+    return _outputs_call(q_in, attn, states, v_new), (q_in, attn, states, v_new)
+
+
+def _outputs_bwd(residuals, d_o):
+    """The outputs are linear in each operand: XLA's batched matmuls give the cotangents
+    (``padded_outputs``' VJP at the same operand dtype)."""
+    dtype = residuals[0].dtype
+    _, vjp = jax.vjp(lambda *a: padded_outputs(*a, matmul_dtype=dtype), *residuals)
+    return vjp(d_o.astype(F32))
+
+
+_outputs.defvjp(_outputs_fwd, _outputs_bwd)
+
+
+def gpu_chunk_outputs(terms, entry_states, v_new, seq_len, matmul_dtype):
+    """``chunked.chunk_outputs`` on a Triton kernel: o ``[B, T, H, V]`` in the terms' dtype
+    (``matmul_dtype``, which the terms are stored in)."""
+    del matmul_dtype  # the terms carry it
+    return _outputs(terms.q_in, terms.attn, entry_states, v_new)[:, :seq_len]
