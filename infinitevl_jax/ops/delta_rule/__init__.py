@@ -2,14 +2,15 @@
 
 ``gated_delta_rule`` checks its inputs, casts g, beta and the state to float32 and q, k, v to the
 matmul operand dtype (bf16/f16 inputs stay 16-bit, halving the bytes the chunked impls move; the
-recurrence and all decay and state math are float32 whatever the input dtype), turns packed-sequence ``segment_ids`` into per-token resets, and dispatches:
+recurrence and all decay and state math are float32 whatever the input dtype), turns
+packed-sequence ``segment_ids`` into per-token resets, and dispatches:
 
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
 - ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in Pallas kernels
-  with a hand-written reverse walk for gradients (on GPU the outputs in a Pallas kernel too): ``"pallas_triton"`` on GPU,
-  ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on CPU. Both named variants
-  run on CPU in their interpreters (tests);
+  with a hand-written reverse walk for gradients (on GPU the outputs in a Pallas kernel too):
+  ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on
+  CPU. Both named variants run on CPU in their interpreters (tests);
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
   ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
   the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and

@@ -26,7 +26,8 @@ cleanly to 0, stay float32-accurate afterwards, and gradients stay finite. Decay
 triangular inverse and the state walk are float32 at HIGHEST precision. ``matmul_dtype``
 bfloat16/float16 (used for bf16/f16 inputs, as FLA does) gives the input-facing matmuls
 (``K K^T``, ``Q K^T``, W, U and the outputs) operands in that dtype with float32 accumulation,
-and the chunk terms (W, U, decayed keys and queries) are stored in it. Memory, also under reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
+and the chunk terms (W, U, decayed keys and queries) are stored in it. Memory, also under
+reverse-mode autodiff, is O(T (K + V + C)) plus one state per chunk.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def _backend_params(terms_dtype):
     ``terms_dtype``.
 
     16-bit terms: 16-bit operands at the tensor cores' native rate (float32 accumulation).
-    float32 terms: GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on tensor cores.
+    float32 terms: GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on
+    tensor cores.
     Measured on an H200 at T16384 (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md): plain TF32
     (Triton's default, and what ``Precision.HIGH`` lowers to) left 4e-4 relative error in the
     state; IEEE float32 (``HIGHEST``) ran ~30x slower than TF32 end to end at 64-wide V-blocks
@@ -92,7 +93,7 @@ def _backend_params(terms_dtype):
         return False, params, GPU_PRECISION if f32 else None
     if backend == "cpu":
         return True, None, jax.lax.Precision.HIGHEST
-    raise ValueError(f"the Triton walk kernels run on GPU (or interpreted on CPU), not on {backend!r}")
+    raise ValueError(f"the Triton kernels run on GPU (or interpreted on CPU), not on {backend!r}")
 
 
 # BlockSpecs over the grid (group g = batch x head, V-block j); the group axis is squeezed.

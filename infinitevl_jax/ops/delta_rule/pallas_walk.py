@@ -15,7 +15,9 @@ the state on-chip (float32) per (batch x head, V-block) and walk the chunks:
 The backward recomputes nothing per token and reads the saved chunk-entry states: memory is
 O(T (K + V) + (T / C) K V) per head. Entry states, V', dV and dS_{n+1} are stored in the
 terms' dtype (bf16 for bf16 inputs, halving the walk's HBM traffic, as FLA stores its chunk
-states); the carried state is float32 on-chip. This module holds the per-chunk math (used inside both backends' kernels) and the
+states); the carried state is float32 on-chip.
+
+This module holds the per-chunk math (used inside both backends' kernels) and the
 ``custom_vjp`` wiring; ``pallas_gpu`` (Triton, a loop over chunks inside each program) and
 ``pallas_tpu`` (Mosaic, the chunk axis a sequential grid axis, state in VMEM scratch) hold the
 kernels and their launches.
