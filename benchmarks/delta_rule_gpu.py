@@ -9,7 +9,8 @@
    H16 d_k 128 d_v 256, bf16 q/k/v/beta and float32 g (InfiniteVL's GDN shapes); q, k unit-norm.
    Medians of wall-clock timed calls after warm-up (outputs synchronised).
 3. A table with ratios to FLA and the fraction of the roofline floor (spec/kernels.md section 6:
-   312.7 kFLOP and 1542 B per token-head forward, 852 kFLOP and ~4.6 KB backward), and JSON.
+   312.7 kFLOP and 1542 B per token-head forward, 852 kFLOP and ~4.6 KB backward), and JSON,
+   rewritten after every timed row (``complete`` turns true at the end).
 
 FLA refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640: wrong values); the
 guard is lifted for timing only (``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True``).
@@ -135,6 +136,10 @@ def main(argv=None):
 
     fla = None if args.no_fla else FLA()
     rows = []
+    # Saved after every row (complete=False until the end): a run cut short keeps what it timed.
+    save = lambda complete: write_json(args.out, dict(
+        benchmark="delta_rule_gpu", device=device, shape=dict(H=H, K=K, V=V), dtypes="bf16 q/k/v/beta, float32 g",
+        pallas_vs_chunked_rel_err=errors, rows=rows, complete=complete))
     for batch, seq_len in args.shapes:
         x = make_inputs(batch, seq_len)
         args_jax = jax_args(x)
@@ -152,10 +157,10 @@ def main(argv=None):
                 row[f"{impl}_roofline_fraction"] = row["floor_ms"] / row[f"{impl}_ms"]
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
+            save(complete=False)
     print()
     print_table(rows, list(rows[0]))
-    write_json(args.out, dict(benchmark="delta_rule_gpu", device=device, shape=dict(H=H, K=K, V=V),
-                              dtypes="bf16 q/k/v/beta, float32 g", pallas_vs_chunked_rel_err=errors, rows=rows))
+    save(complete=True)
 
 
 if __name__ == "__main__":

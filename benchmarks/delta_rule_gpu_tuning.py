@@ -129,23 +129,31 @@ def main(argv=None):
         raise SystemExit(f"error: this benchmark needs a GPU (backend is {jax.default_backend()!r})")
     device = device_description()
     print(f"device: {device}")
+    results = dict(benchmark="delta_rule_gpu_tuning", device=device, complete=False)
+
+    def save(**section):  # after every section: a run cut short keeps what it measured
+        results.update(section)
+        write_json(args.out, results)
+
     stage_rows, gib = stages()
     print_table(stage_rows, ["stage", "ms"])
     print(f"per-chunk terms + entry states + V': {gib:.2f} GiB\n")
+    save(stages=stage_rows, terms_gib=gib)
     profiles = kernel_profiles()
     for p in profiles:
         print(f"{p['workload']}: wall {p['wall_ms']:.2f} ms, kernels {p['busy_ms']:.2f} ms, "
               f"{p['kernels_per_call']:.0f} launches")
         print_table(p["top"][:12], ["kernel", "us_per_call", "launches_per_call"])
         print()
+    save(kernels=profiles)
     precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
     print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
     print()
+    save(precision=precision_rows)
     launch_rows = [dict(block_v=b, num_warps=w, num_stages=st, **in_fresh_process("launch", b, w, st))
                    for b, w, st in LAUNCHES]
     print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
-    write_json(args.out, dict(benchmark="delta_rule_gpu_tuning", device=device, stages=stage_rows,
-                              terms_gib=gib, kernels=profiles, precision=precision_rows, launch=launch_rows))
+    save(launch=launch_rows, complete=True)
 
 
 if __name__ == "__main__":
