@@ -156,6 +156,28 @@ def test_vision_encoder_matches_transformers(models, unroll):
     assert len(encoder._layouts) == 2
 
 
+def test_vision_encoder_keeps_the_most_recent_layouts(models):
+    """The layout cache is bounded: the least recently used grid goes first, and comes back
+    (rebuilt, same values) when asked for again."""
+    _, model = models
+    processor = ImageProcessor(min_pixels=56 * 56, max_pixels=16 * 28 * 28)
+    encoder = VisionEncoder(model, processor, unroll_layers=False, max_layouts=2)
+    grids = [(1, 4, 4), (1, 4, 6), (1, 6, 4)]
+    first = encoder.layout([grids[0]])
+    encoder.layout([grids[1]])
+    encoder.layout([grids[0]])  # now the most recent
+    encoder.layout([grids[2]])  # evicts grids[1]
+    assert list(encoder._layouts) == [(grids[0],), (grids[2],)]
+    again = encoder.layout([grids[1]])
+    assert list(encoder._layouts) == [(grids[2],), (grids[1],)]
+    assert encoder.layout([grids[0]]) is not first  # rebuilt after its eviction
+    expected = vision_layout(model.cfg, np.array([grids[1]]))
+    for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="max_layouts"):
+        VisionEncoder(model, processor, max_layouts=0)
+
+
 def test_vision_encoder_reload_weights(models):
     """An unrolled encoder holds copies: a changed source weight shows only after ``reload_weights``."""
     hf, _ = models

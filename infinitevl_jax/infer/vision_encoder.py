@@ -2,7 +2,7 @@
 
 ``models.vision.encode_vision`` (``nnx.jit``) walks the tower's module graph in Python on every
 call, which took longer than the ViT itself for a streamed 448 x 448 frame. ``VisionEncoder``
-splits the tower once (``flat_params``), caches the host-side layout per grid, and has a second
+splits the tower once (``flat_params``), caches the device layout per grid (bounded), and has a second
 entry, ``encode_frames``, that uploads the resized frames as uint8 and normalises and patchifies
 them inside the jitted function (``FrameProcessor.rows_of_levels``: the image processor's values
 bit for bit).
@@ -13,6 +13,7 @@ On GPU the tower runs unstacked by default (``VisionTransformer.unstacked``), fo
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -39,9 +40,15 @@ class VisionEncoder:
       source: the ``VisionTransformer``; after changing its weights call ``reload_weights``.
       processor: the image processor whose resize and normalisation ``encode_frames`` applies.
       unroll_layers: run ``source.unstacked()`` (default: on GPU); its block weights are copies.
+      max_layouts: how many grids' device layouts to keep (least recently used dropped first): a
+        stream has one grid, a server fed arbitrary image sizes would otherwise grow without
+        bound. (Each distinct grid also compiles its own program, which jax caches.)
     """
 
-    def __init__(self, source: VisionTransformer, processor: FrameProcessor, *, unroll_layers: bool | None = None):
+    def __init__(self, source: VisionTransformer, processor: FrameProcessor, *, unroll_layers: bool | None = None,
+                 max_layouts: int = 16):
+        if max_layouts < 1:
+            raise ValueError(f"max_layouts must be at least 1; got {max_layouts}")
         if processor.patch_size != source.cfg.patch_size or processor.merge_size != source.cfg.spatial_merge_size \
                 or processor.temporal_patch_size != source.cfg.temporal_patch_size:
             raise ValueError(f"the processor's patch {processor.patch_size}, merge {processor.merge_size} and "
@@ -52,7 +59,8 @@ class VisionEncoder:
         skeleton, _, self._leaves = split_flat(self.tower)
         self._rows = jax.jit(functools.partial(_encode_rows, skeleton))
         self._levels = jax.jit(functools.partial(_encode_levels, skeleton, processor))
-        self._layouts: dict[tuple, VisionLayout] = {}
+        self.max_layouts = max_layouts
+        self._layouts: collections.OrderedDict[tuple, VisionLayout] = collections.OrderedDict()
 
     def _runnable(self) -> VisionTransformer:
         return self.source.unstacked() if self.unroll_layers else self.source
@@ -63,11 +71,16 @@ class VisionEncoder:
         self._leaves = split_flat(self.tower)[2]
 
     def layout(self, grid_thw) -> VisionLayout:
-        """``vision_layout`` of ``grid_thw [n, 3]``, built and put on the device once per distinct grid."""
+        """``vision_layout`` of ``grid_thw [n, 3]``, built and put on the device once per distinct
+        grid while it stays among the ``max_layouts`` most recently used."""
         grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
         key = tuple(map(tuple, grid.tolist()))
-        if key not in self._layouts:
+        if key in self._layouts:
+            self._layouts.move_to_end(key)
+        else:
             self._layouts[key] = jax.device_put(vision_layout(self.source.cfg, grid))
+            if len(self._layouts) > self.max_layouts:
+                self._layouts.popitem(last=False)
         return self._layouts[key]
 
     def encode(self, pixel_values, grid_thw):
