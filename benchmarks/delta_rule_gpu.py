@@ -1,10 +1,11 @@
 """Gated delta rule on an NVIDIA GPU: Pallas vs our chunked JAX impl vs FLA 0.6.0 (Triton).
 
     python -m benchmarks.delta_rule_gpu [--out benchmarks/results/delta_rule_gpu.json] [--no-fla]
-        [--shapes 1x4096 1x65536 ...] [--impls pallas chunked]
+        [--shapes 1x4096 1x65536 ...] [--impls pallas pallas_triton_terms chunked]
 
-1. Correctness on the GPU: Pallas against the pure-JAX chunked impl (relative max error of the
-   outputs, final state and all gradients) at B1 T4096 and at a ragged B2 T300 (5 chunks).
+1. Correctness on the GPU: Pallas (and any other Pallas impl timed) against the pure-JAX chunked
+   impl (relative max error of the outputs, final state and all gradients) at B1 T4096 and at a
+   ragged B2 T300 (5 chunks).
 2. Timing, forward and forward+backward, at B1 T4096, B1 T16384, B1 T65536, B8 T4096 with
    H16 d_k 128 d_v 256, bf16 q/k/v/beta and float32 g (InfiniteVL's GDN shapes); q, k unit-norm.
    Medians of wall-clock timed calls after warm-up (outputs synchronised).
@@ -31,7 +32,8 @@ from benchmarks.delta_rule_setup import forward, forward_backward
 
 H, K, V = 16, 128, 256
 SHAPES = [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
-IMPLS = ("pallas", "chunked")
+IMPLS = ("pallas", "chunked")  # timed by default; --impls also takes the Triton variant with the terms kernel
+IMPL_CHOICES = ("pallas", "pallas_triton_terms", "chunked")
 FWD_FLOP, FWD_BYTES = 312.7e3, 1542.0  # per token and head
 BWD_FLOP, BWD_BYTES = 852.0e3, 4600.0
 PEAKS = {"H100": (798e12, 3.0e12), "H200": (790e12, 4.3e12)}  # measured bf16 FLOP/s, copy B/s
@@ -51,13 +53,13 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def check_pallas(x):
+def check_against_chunked(x, impl):
+    """Relative max errors of ``impl``'s outputs, final state and gradients against ``chunked``'s."""
     args = jax_args(x)
-    out = {impl: forward(impl)(*args) for impl in IMPLS}
-    grads = {impl: forward_backward(impl)(*args) for impl in IMPLS}
-    errors = dict(o=rel_err(out["pallas"][0], out["chunked"][0]),
-                  final_state=rel_err(out["pallas"][1], out["chunked"][1]))
-    for name, gp, gc in zip(("dq", "dk", "dv", "dg", "dbeta"), grads["pallas"], grads["chunked"]):
+    out = {name: forward(name)(*args) for name in (impl, "chunked")}
+    grads = {name: forward_backward(name)(*args) for name in (impl, "chunked")}
+    errors = dict(o=rel_err(out[impl][0], out["chunked"][0]), final_state=rel_err(out[impl][1], out["chunked"][1]))
+    for name, gp, gc in zip(("dq", "dk", "dv", "dg", "dbeta"), grads[impl], grads["chunked"]):
         errors[name] = rel_err(gp, gc)
     return errors
 
@@ -120,7 +122,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="BxT",
                         help="batch x length cases to time (default: %(default)s)")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+    parser.add_argument("--impls", nargs="+", choices=IMPL_CHOICES, default=list(IMPLS),
                         help="our impls to time (the correctness check always runs both)")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -129,17 +131,20 @@ def main(argv=None):
     device = device_description()
     print(f"device: {device}")
 
-    errors = {f"B{b}_T{t}": check_pallas(make_inputs(b, t, seed=1)) for b, t in ((1, 4096), (2, 300))}
-    for shape, errs in errors.items():
-        print(f"pallas vs chunked on the GPU at {shape}, relative max error:",
-              {k: f"{v:.2e}" for k, v in errs.items()})
+    errors = {}  # f"{impl}_vs_chunked_rel_err" -> shape -> errors, for every Pallas impl timed (and pallas)
+    for impl in [name for name in dict.fromkeys(["pallas", *args.impls]) if name != "chunked"]:
+        errors[f"{impl}_vs_chunked_rel_err"] = checks = {
+            f"B{b}_T{t}": check_against_chunked(make_inputs(b, t, seed=1), impl) for b, t in ((1, 4096), (2, 300))}
+        for shape, errs in checks.items():
+            print(f"{impl} vs chunked on the GPU at {shape}, relative max error:",
+                  {k: f"{v:.2e}" for k, v in errs.items()})
 
     fla = None if args.no_fla else FLA()
     rows = []
     # Saved after every row (complete=False until the end): a run cut short keeps what it timed.
     save = lambda complete: write_json(args.out, dict(
         benchmark="delta_rule_gpu", device=device, shape=dict(H=H, K=K, V=V), dtypes="bf16 q/k/v/beta, float32 g",
-        pallas_vs_chunked_rel_err=errors, rows=rows, complete=complete))
+        **errors, rows=rows, complete=complete))
     for batch, seq_len in args.shapes:
         x = make_inputs(batch, seq_len)
         args_jax = jax_args(x)

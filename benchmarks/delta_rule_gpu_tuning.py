@@ -2,9 +2,10 @@
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
 
-1. stages: B1 T65536 forward split into prepare_chunks (XLA), the walk (Pallas kernel, and the
-   XLA ``lax.scan`` walk for comparison) and chunk_outputs (XLA); the walk forward+backward;
-   then the top device kernels of the whole forward and forward+backward (``jax.profiler``).
+1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel of
+   ``pallas_triton_terms``), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
+   comparison) and chunk_outputs (XLA); the walk forward+backward; then the top device kernels
+   of the whole forward and forward+backward (``jax.profiler``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
 3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
@@ -28,8 +29,8 @@ from benchmarks.common import device_description, median_ms, print_table, write_
 from benchmarks.delta_rule_gpu import H, K, V, jax_args, make_inputs
 from benchmarks.delta_rule_setup import forward, forward_backward
 from benchmarks.kernel_profile import profile
-from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, segment_resets
-from infinitevl_jax.ops.delta_rule.chunked import chunk_outputs, prepare_chunks, walk_states
+from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, pallas_gpu_terms, segment_resets
+from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunk_outputs, prepare_chunks, walk_states
 
 PRECISIONS = {
     "DEFAULT": jax.lax.Precision.DEFAULT,
@@ -50,6 +51,8 @@ def stages():
     reset = segment_resets(None, seq_len, batch)
     s0 = jnp.zeros((batch, H, K, V), jnp.float32)
     prepare = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, reset, matmul_dtype=jnp.bfloat16))
+    prepare_kernel = jax.jit(lambda *a: pallas_gpu_terms.gpu_prepare_chunks(*a, K ** -0.5, reset, CHUNK_SIZE,
+                                                                            jnp.bfloat16))
     terms = prepare(*inputs)
     walk_pallas, walk_scan = jax.jit(pallas_gpu.gpu_walk_states), jax.jit(walk_states)
     states, v_new, _ = walk_pallas(terms, s0)
@@ -61,6 +64,7 @@ def stages():
 
     rows = [dict(stage=name, ms=median_ms(fn, *args, iters=10)) for name, fn, args in (
         ("prepare_chunks (XLA)", prepare, inputs),
+        ("prepare_chunks (Pallas terms kernel)", prepare_kernel, inputs),
         ("walk (Pallas)", walk_pallas, (terms, s0)),
         ("walk (XLA lax.scan)", walk_scan, (terms, s0)),
         ("chunk_outputs (XLA)", outputs, (terms, states, v_new)),

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from jax import export
 
-from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, pallas_tpu
+from infinitevl_jax.ops.delta_rule import (CHUNK_SIZE, gated_delta_rule, pallas_gpu, pallas_gpu_terms, pallas_tpu,
+                                           segment_resets)
+from infinitevl_jax.ops.delta_rule.chunked import prepare_chunks
 from tests.reference.delta_rule import gated_delta_rule_ref
 
 B, T, H, K = 2, 130, 2, 24
 # Triton: d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32. Mosaic TPU: d_k 24 whole;
 # d_v 256 = 2 V-blocks of 128. Both walk several V-blocks, each writing its slice of V', dV and dS.
-KERNELS = {"pallas_triton": 80, "pallas_mosaic_tpu": 256}
+# pallas_triton_terms: the Triton kernels with the chunk terms' kernel too (forward only).
+KERNELS = {"pallas_triton": 80, "pallas_triton_terms": 80, "pallas_mosaic_tpu": 256}
 
 
 @pytest.fixture(params=sorted(KERNELS))
@@ -104,23 +107,49 @@ def test_tpu_kernels_lower_to_mosaic_at_the_4b_head_dims(monkeypatch):
     assert text.count("tpu_custom_call") == 2 and "gdn_state_walk_bwd_tpu" in text
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2.0 ** -8)])
+def test_terms_kernel_matches_prepare_chunks(dtype, tol):
+    """The chunk terms' kernel (interpreted) against XLA's ``prepare_chunks`` on the same inputs,
+    resets and a g = -20 step included (both are pinned to the float64 reference end to end in
+    test_delta_rule): float32 to 1e-6 (measured ~1e-7), bf16 within one rounding (measured:
+    identical)."""
+    (q, k, v, g, beta, _), ids = _inputs(seed=3)
+    q, k, v, beta = (jnp.asarray(x, dtype) for x in (q, k, v, beta))
+    reset = segment_resets(jnp.asarray(ids), T, B)
+    args = (q, k, v, jnp.asarray(g), beta.astype(jnp.float32), K ** -0.5, reset, CHUNK_SIZE, jnp.dtype(dtype))
+    expected = prepare_chunks(*args)
+    got = pallas_gpu_terms.gpu_prepare_chunks(*args)
+    for name, want, have in zip(expected._fields, expected, got):
+        want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
+        assert want.shape == have.shape, name
+        np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
+
+
+# What each Triton impl's call lowers to: pallas_triton's forward+backward, and the forward of
+# pallas_triton_terms (differentiated, its terms are XLA's).
+TRITON_LOWERINGS = {"pallas_triton": (True, ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+                    "pallas_triton_terms": (False, ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs"))}
+
+
+@pytest.mark.parametrize("impl", sorted(TRITON_LOWERINGS))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype):
-    """Forward and backward lower through Pallas' Triton lowering for CUDA on any host (the
-    kernels' Triton IR is built at lowering time; PTX is compiled on the GPU): d_k 128, d_v 256,
-    chunk 64, with bf16 terms (16-bit inputs) and float32 terms (3xTF32 matmuls)."""
+def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype, impl):
+    """The kernels lower through Pallas' Triton lowering for CUDA on any host (their Triton IR is
+    built at lowering time; PTX is compiled on the GPU): d_k 128, d_v 256, chunk 64, with bf16
+    terms (16-bit inputs) and float32 terms (3xTF32 matmuls)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Triton, not the interpreter
     shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, jnp.dtype(dt))
     q = k = shape(1, 256, 2, 128)
     v = shape(1, 256, 2, 256)
     g, beta = shape(1, 256, 2, dt="float32"), shape(1, 256, 2)
+    with_backward, kernels = TRITON_LOWERINGS[impl]
 
     def loss(q, k, v, g, beta):
-        o, state = gated_delta_rule(q, k, v, g, beta, impl="pallas_triton")
+        o, state = gated_delta_rule(q, k, v, g, beta, impl=impl)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
 
-    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(q, k, v, g, beta)
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3
-    for kernel in ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs"):
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)) if with_backward else loss
+    text = jax.jit(fn).trace(q, k, v, g, beta).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == len(kernels)
+    for kernel in kernels:
         assert f'name = "{kernel}"' in text

@@ -11,6 +11,10 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   with a hand-written reverse walk for gradients (on GPU the outputs in a Pallas kernel too):
   ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on
   CPU. Both named variants run on CPU in their interpreters (tests);
+- ``"pallas_triton_terms"``: ``pallas_triton`` with the chunk-parallel terms in a Triton kernel
+  too (``pallas_gpu_terms``) for forward-only calls (differentiated, the terms stay XLA's).
+  Tested in interpret mode and lowered for CUDA in the tests; not yet timed on a GPU, so
+  ``"pallas"`` does not pick it;
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
   ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
   the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and
@@ -32,6 +36,7 @@ from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_chunk_outputs, gpu_walk_states
+from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
@@ -39,6 +44,8 @@ IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
     "pallas_triton": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states, outputs=gpu_chunk_outputs),
+    "pallas_triton_terms": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks, walk=gpu_walk_states,
+                                             outputs=gpu_chunk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 

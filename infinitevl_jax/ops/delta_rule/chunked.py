@@ -65,36 +65,61 @@ class ChunkTerms(NamedTuple):
     attn: jax.Array
 
 
+class TokenDecays(NamedTuple):
+    """Per-token decay factors of the chunked form (float32), from g and the resets.
+
+    segment ``[B, 1, N, C]``: packed-segment index within the chunk (0 until the chunk's first
+    reset); decay_in ``[B, H, N, C]``: state at the chunk start -> token i (0 after a reset);
+    decay_out ``[B, H, N, C]``: token j -> chunk end (0 before the chunk's last reset);
+    decay_chunk ``[B, H, N]``: the whole chunk's decay of the state (0 after a reset).
+    """
+
+    segment: jax.Array
+    decay_in: jax.Array
+    decay_out: jax.Array
+    decay_chunk: jax.Array
+
+
+def to_chunks(x, chunk_size):
+    """``[B, N*C, H, ...]`` -> ``[B, H, N, C, ...]``."""
+    batch, length, heads = x.shape[:3]
+    return jnp.moveaxis(x.reshape(batch, length // chunk_size, chunk_size, heads, *x.shape[3:]), 3, 1)
+
+
+def token_decays(g, reset) -> TokenDecays:
+    """``TokenDecays`` of g ``[B, H, N, C]`` (chunked) and reset ``[B, N*C]``. Only within-chunk
+    sums of g are exponentiated: cumulative from the chunk start (decay_in) and from token j + 1
+    to the chunk end (decay_out), never a difference of two long running sums."""
+    batch, _, n, c = g.shape
+    segment = jnp.cumsum(reset.reshape(batch, 1, n, c).astype(jnp.int32), axis=-1)
+    gamma = jnp.cumsum(g, axis=-1)
+    from_j = jnp.flip(jnp.cumsum(jnp.flip(g, -1), axis=-1), -1)  # sum of g over [j, C)
+    to_end = jnp.concatenate([from_j[..., 1:], jnp.zeros_like(from_j[..., :1])], axis=-1)  # over (j, C)
+    sees_state = segment == 0
+    return TokenDecays(segment=segment, decay_in=jnp.where(sees_state, jnp.exp(gamma), 0.0),
+                       decay_out=jnp.where(segment == segment[..., -1:], jnp.exp(to_end), 0.0),
+                       decay_chunk=jnp.where(sees_state[..., -1], jnp.exp(gamma[..., -1]), 0.0))
+
+
 def prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size=CHUNK_SIZE, matmul_dtype=jnp.float32) -> ChunkTerms:
     """All chunk-parallel work (batched matmuls), for inputs as in ``chunked_gated_delta_rule``."""
-    batch, seq_len, heads, _ = q.shape
+    seq_len = q.shape[1]
     c = chunk_size
     pad = (-seq_len) % c
     q, k, v, g, beta, reset = (_pad_time(x, pad) for x in (q, k, v, g, beta, reset))
-    n = (seq_len + pad) // c
+    q, k, v, g, beta = (to_chunks(x, c) for x in (q, k, v, g, beta))  # g, beta: [B, H, N, C]
+    decays = token_decays(g, reset)
 
-    def chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
-        return jnp.moveaxis(x.reshape(batch, n, c, heads, *x.shape[3:]), 3, 1)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))  # g, beta: [B, H, N, C]
-    segment = jnp.cumsum(reset.reshape(batch, 1, n, c).astype(jnp.int32), axis=-1)  # [B, 1, N, C]
-
-    gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
     row = jnp.arange(c)[:, None]
     col = jnp.arange(c)[None, :]
     # gamma_i - gamma_j as the sum of g over (j, i] (a matmul with the lower-triangular ones
     # matrix): a difference of two long running sums would lose float32 precision after strong
     # decays (|gamma| ~ 1e3) exactly where exp() still matters.
     exponent = _mm("im,bhnmj->bhnij", (row >= col).astype(jnp.float32), jnp.where(row > col, g[..., :, None], 0.0))
-    same_segment = segment[..., :, None] == segment[..., None, :]  # [B, 1, N, C, C]
+    same_segment = decays.segment[..., :, None] == decays.segment[..., None, :]  # [B, 1, N, C, C]
     visible = (row >= col) & same_segment
     decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)  # E * L * same-segment
-
-    sees_state = segment == 0  # [B, 1, N, C]
-    in_last_segment = segment == segment[..., -1:]
-    decay_in = jnp.where(sees_state, jnp.exp(gamma), 0.0)  # state -> token i
-    decay_out = jnp.where(in_last_segment, jnp.exp(exponent[..., -1, :]), 0.0)  # token j -> chunk end
-    decay_chunk = jnp.where(sees_state[..., -1], jnp.exp(gamma[..., -1]), 0.0)  # [B, H, N]
+    decay_in, decay_out, decay_chunk = decays.decay_in, decays.decay_out, decays.decay_chunk
 
     a = jnp.where(row > col, beta[..., :, None] * decay * _mm("bhnik,bhnjk->bhnij", k, k, dtype=matmul_dtype), 0.0)
     inverse = unit_lower_inverse(a)  # (I + A)^-1, [B, H, N, C, C]
@@ -139,7 +164,7 @@ def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32,
-                             chunk_size=CHUNK_SIZE, walk=walk_states, outputs=chunk_outputs):
+                             chunk_size=CHUNK_SIZE, prepare=prepare_chunks, walk=walk_states, outputs=chunk_outputs):
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
@@ -151,6 +176,8 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
       reset: ``[B, T]`` bool, True where a token starts from a zero state.
       matmul_dtype: operand dtype of the input-facing matmuls (float32 or a 16-bit type).
       chunk_size: tokens per chunk ``C``.
+      prepare: the chunk-parallel terms, ``prepare_chunks``' signature; ``prepare_chunks`` (XLA) or
+        a Pallas kernel (``pallas_gpu_terms.gpu_prepare_chunks``).
       walk: the sequential part, ``(terms, initial_state) -> (entry states, V', final state)``;
         ``walk_states`` (``lax.scan``) or the Pallas kernels (``pallas_gpu.gpu_walk_states``).
       outputs: ``(terms, entry states, V', T, matmul_dtype) -> o [B, T, H, V]``;
@@ -160,6 +187,6 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
       o ``[B, T, H, V]`` (float32 from XLA, the terms' dtype from a kernel) and the final state
       ``[B, H, K, V]`` float32.
     """
-    terms = prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
+    terms = prepare(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
     entry_states, v_new, final_state = walk(terms, initial_state)
     return outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state

@@ -35,7 +35,7 @@ MAX_BLOCK_V_OUT = 128  # V-block of the outputs kernel (one program per group, c
 TRITON_PARAMS = dict(num_warps=4)
 NUM_STAGES_16BIT = 3
 NUM_STAGES_F32 = 2
-# In-kernel float32 matmuls on GPU, see _backend_params. These settings are read when a kernel is
+# In-kernel float32 matmuls on GPU, see backend_params. These settings are read when a kernel is
 # first traced (Pallas caches traced kernels): benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting.
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
@@ -73,7 +73,7 @@ def _walk_backward_kernel(w_ref, k_ref, d_ref, d_states_ref, d_v_new_ref, d_fina
     d_s0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, d_final_ref[...].astype(F32)).astype(d_s0_ref.dtype)
 
 
-def _backend_params(terms_dtype):
+def backend_params(terms_dtype):
     """``(interpret, compiler_params, precision)`` for the default backend and terms of
     ``terms_dtype``.
 
@@ -116,7 +116,7 @@ def _forward_call(w, u, k_out, decay, s0):
     groups, n, c, d_k = w.shape
     d_v = u.shape[-1]
     bv = _block_v(d_v)
-    interpret, params, precision = _backend_params(w.dtype)
+    interpret, params, precision = backend_params(w.dtype)
     return pl.pallas_call(
         functools.partial(_walk_forward_kernel, precision=precision),
         grid=(groups, d_v // bv),
@@ -133,7 +133,7 @@ def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     groups, n, c, d_k = w.shape
     d_v = d_v_new.shape[-1]
     bv = _block_v(d_v)
-    interpret, params, precision = _backend_params(w.dtype)
+    interpret, params, precision = backend_params(w.dtype)
     return pl.pallas_call(
         functools.partial(_walk_backward_kernel, precision=precision),
         grid=(groups, d_v // bv),
@@ -145,7 +145,7 @@ def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     )(w, k_out, decay, d_states, d_v_new, d_final)
 
 
-def _next_power_of_two(x, minimum=MIN_DOT_DIM):
+def next_power_of_two(x, minimum=MIN_DOT_DIM):
     return max(minimum, 1 << (x - 1).bit_length())
 
 
@@ -155,7 +155,7 @@ _walk = make_walk(WalkCalls(_forward_call, _backward_call))
 def gpu_walk_states(terms, initial_state):
     """``chunked.walk_states`` on the Triton kernels; head dims padded to powers of two (>= 16)."""
     return walk_states_with(_walk, terms, initial_state,
-                            lambda d_k, d_v: (_next_power_of_two(d_k), _next_power_of_two(d_v)))
+                            lambda d_k, d_v: (next_power_of_two(d_k), next_power_of_two(d_v)))
 
 
 def _outputs_kernel(q_ref, a_ref, s_ref, v_ref, o_ref, *, precision):
@@ -171,13 +171,13 @@ def _outputs_call(q_in, attn, states, v_new):
     copy); head dims padded to powers of two (>= 16) for Triton."""
     batch, heads, n, c, d_k = q_in.shape
     d_v = v_new.shape[-1]
-    pk, pv = _next_power_of_two(d_k), _next_power_of_two(d_v)
+    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     pad = lambda x, rows, cols: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, rows), (0, cols)))
     q_in, states = pad(flat(q_in), 0, pk - d_k), pad(flat(states), pk - d_k, pv - d_v)
     attn, v_new = flat(attn), pad(flat(v_new), 0, pv - d_v)
     bv = min(pv, MAX_BLOCK_V_OUT)
-    interpret, params, precision = _backend_params(q_in.dtype)
+    interpret, params, precision = backend_params(q_in.dtype)
     whole = lambda rows, cols: pl.BlockSpec((pl.squeezed, pl.squeezed, rows, cols), lambda g, i, j: (g, i, 0, 0))
     v_block = lambda rows: pl.BlockSpec((pl.squeezed, pl.squeezed, rows, bv), lambda g, i, j: (g, i, 0, j))
     o = pl.pallas_call(

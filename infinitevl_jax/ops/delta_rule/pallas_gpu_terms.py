@@ -1,0 +1,147 @@
+"""A Pallas (Triton) kernel for the chunk-parallel terms of the chunked gated delta rule on GPU.
+
+``chunked.prepare_chunks`` builds ``ChunkTerms`` in XLA: transposes of q, k, v into the chunk
+layout, a float32 ``[C, C]`` matrix per chunk for every intermediate, the triangular inverse as
+many small batched matmuls. Here one program per (batch x head, chunk) reads its chunk of q, k
+and v straight from the ``[B, T, H, d]`` inputs and forms, on-chip,
+
+    exponent_ij = sum of g over (j, i]              (a matmul with the lower-triangular ones)
+    A  = strict_lower(beta_i E_ij k_i.k_j)          E = exp(exponent) where i >= j, same segment
+    X  = (I + A)^-1                                 (block doubling, below)
+    W  = X diag(beta decay_in) K,  U = X diag(beta) V,  k_out = diag(decay_out) K,
+    q_in = diag(decay_in) scale Q,  attn = (scale Q K^T) * E
+
+and writes them in the matmul dtype. The inverse doubles block sizes b = 1, 2, ..., C/2 with
+masked full-tile matmuls: with X_b = (I + D_b)^-1 for the b-block diagonal part D_b of A and O_b
+the lower-left b x b blocks inside each 2b-block, ``X_2b = X_b - X_b O_b X_b`` (exact: O_b X_b O_b
+= 0), which is ``triangular.unit_lower_inverse``'s block merge applied to all blocks at once. The
+exponent and the inverse are float32 (3xTF32 on GPU); the input-facing matmuls take the matmul
+dtype with float32 accumulation, as in XLA. Per-token decay factors (``chunked.token_decays``)
+are small and come from XLA.
+
+Differentiation goes through XLA: under ``jax.vjp`` the forward runs ``prepare_chunks`` itself
+and its VJP is the backward, so the kernel serves forward-only calls (inference and prefill).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from infinitevl_jax.ops.chunk_math import pad_time
+from infinitevl_jax.ops.delta_rule.chunked import ChunkTerms, prepare_chunks, to_chunks, token_decays
+from infinitevl_jax.ops.delta_rule.pallas_gpu import backend_params, next_power_of_two
+from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot
+
+MAX_BLOCK_V_TERMS = 128  # U is formed in V-blocks of this width (bounds the registers it takes)
+
+
+def _unit_lower_inverse(a, precision):
+    """``(I + a)^-1`` of a strictly lower-triangular ``[C, C]`` float32 tile, C a power of two."""
+    c = a.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
+    inverse = eye
+    b = 1
+    while b < c:
+        lower_left = ((row // (2 * b)) == (col // (2 * b))) & ((row // b) > (col // b))
+        off = jnp.where(lower_left, a, 0.0)
+        if b == 1:
+            inverse = eye - off  # X_1 = I
+        else:
+            inverse = inverse - dot(dot(inverse, off, precision), inverse, precision)
+        b *= 2
+    return inverse
+
+
+def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref, d_in_ref, d_out_ref,
+                  w_ref, u_ref, k_out_ref, q_in_ref, attn_ref, *, scale, f32_precision, precision):
+    """One (group, chunk): q, k ``[C, K]``, v ``[C, V]`` (input dtype); g, beta, seg_col, d_in,
+    d_out ``[C, 1]`` and seg_row ``[1, C]`` (float32); outputs in the matmul dtype."""
+    operand = w_ref.dtype
+    c = k_ref.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    ones_lower = jnp.where(row >= col, 1.0, 0.0).astype(F32)
+    exponent = dot(ones_lower, jnp.where(row > col, g_ref[...], 0.0), f32_precision)  # sum of g over (j, i]
+    visible = (row >= col) & (seg_col_ref[...] == seg_row_ref[...])
+    decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)
+
+    k = k_ref[...].astype(F32)
+    beta = beta_ref[...]
+    kk = dot(k.astype(operand), k.astype(operand), precision, contract=((1,), (1,)))
+    inverse = _unit_lower_inverse(jnp.where(row > col, beta * decay * kk, 0.0), f32_precision).astype(operand)
+    w_ref[...] = dot(inverse, (beta * d_in_ref[...] * k).astype(operand), precision).astype(w_ref.dtype)
+    bv = min(v_ref.shape[1], MAX_BLOCK_V_TERMS)
+    for j in range(v_ref.shape[1] // bv):
+        block = pl.ds(j * bv, bv)
+        scaled_v = (beta * v_ref[:, block].astype(F32)).astype(operand)
+        u_ref[:, block] = dot(inverse, scaled_v, precision).astype(u_ref.dtype)
+    k_out_ref[...] = (k * d_out_ref[...]).astype(k_out_ref.dtype)
+    q_scaled = q_ref[...].astype(F32) * scale
+    q_in_ref[...] = (q_scaled * d_in_ref[...]).astype(q_in_ref.dtype)
+    attn = dot(q_scaled.astype(operand), k.astype(operand), precision, contract=((1,), (1,))) * decay
+    attn_ref[...] = attn.astype(attn_ref.dtype)
+
+
+def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> ChunkTerms:
+    """``prepare_chunks`` with the chunk-parallel work in ``_terms_kernel``."""
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    c = chunk_size
+    pad = (-seq_len) % c
+    q, k, v, g, beta, reset = (pad_time(x, pad) for x in (q, k, v, g, beta, reset))
+    n = (seq_len + pad) // c
+    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
+    pad_last = lambda x, size: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
+    q, k, v = pad_last(q, pk), pad_last(k, pk), pad_last(v, pv)
+
+    g_chunks, beta_chunks = to_chunks(g, c), to_chunks(beta, c)  # [B, H, N, C]
+    decays = token_decays(g_chunks, reset)
+    groups = batch * heads
+    column = lambda x: jnp.broadcast_to(x, (batch, heads, n, c)).reshape(groups, n, c, 1).astype(F32)
+    segment = decays.segment
+    per_token = [column(g_chunks), column(beta_chunks), column(segment), column(segment).reshape(groups, n, 1, c),
+                 column(decays.decay_in), column(decays.decay_out)]
+
+    interpret, params, precision = backend_params(matmul_dtype)
+    _, _, f32_precision = backend_params(F32)
+    by_token = lambda d: pl.BlockSpec((pl.squeezed, c, pl.squeezed, d), lambda gi, i: (gi // heads, i, gi % heads, 0))
+    by_chunk = lambda *block: pl.BlockSpec((pl.squeezed, pl.squeezed, *block), lambda gi, i: (gi, i, 0, 0))
+    out = lambda *shape: jax.ShapeDtypeStruct((groups, n, *shape), matmul_dtype)
+    w, u, k_out, q_in, attn = pl.pallas_call(
+        functools.partial(_terms_kernel, scale=scale, f32_precision=f32_precision, precision=precision),
+        grid=(groups, n),
+        in_specs=[by_token(pk), by_token(pk), by_token(pv), by_chunk(c, 1), by_chunk(c, 1), by_chunk(c, 1),
+                  by_chunk(1, c), by_chunk(c, 1), by_chunk(c, 1)],
+        out_specs=[by_chunk(c, pk), by_chunk(c, pv), by_chunk(c, pk), by_chunk(c, pk), by_chunk(c, c)],
+        out_shape=[out(c, pk), out(c, pv), out(c, pk), out(c, pk), out(c, c)],
+        interpret=interpret, compiler_params=params, name="gdn_chunk_terms",
+    )(q, k, v, *per_token)
+    unflat = lambda x, d: x.reshape(batch, heads, n, c, x.shape[-1])[..., :d]
+    return ChunkTerms(w=unflat(w, d_k), u=unflat(u, d_v), k_out=unflat(k_out, d_k), decay=decays.decay_chunk,
+                      q_in=unflat(q_in, d_k), attn=unflat(attn, c))
+
+
+def gpu_prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> ChunkTerms:
+    """``chunked.prepare_chunks`` on ``_terms_kernel`` for forward-only calls; differentiated,
+    it is ``prepare_chunks`` itself (forward and VJP in XLA)."""
+
+    @jax.custom_vjp
+    def terms(q, k, v, g, beta, reset):
+        return _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
+
+    def terms_fwd(q, k, v, g, beta, reset):
+        xla = lambda *a: prepare_chunks(*a, scale, reset, chunk_size, matmul_dtype)
+        out, vjp = jax.vjp(xla, q, k, v, g, beta)
+        return out, vjp
+
+    def terms_bwd(vjp, cotangents):
+        return (*vjp(cotangents), None)
+
+    terms.defvjp(terms_fwd, terms_bwd)
+    return terms(q, k, v, g, beta, reset)
