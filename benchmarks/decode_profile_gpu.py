@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.inference_gpu import MODELS, SMOKE_MODELS, build_model
 from benchmarks.kernel_profile import profile
 
+
 def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
     import jax
     from flax import nnx

@@ -4,8 +4,9 @@
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel of
    ``pallas_triton_terms``), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
-   comparison) and chunk_outputs (XLA); the walk forward+backward; then the top device kernels
-   of the whole forward and forward+backward (``jax.profiler``).
+   comparison) and the outputs (XLA, and the Pallas outputs kernel of ``pallas``); the walk
+   forward+backward; then the top device kernels of the whole forward and forward+backward
+   (``jax.profiler``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
 3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
@@ -57,6 +58,7 @@ def stages():
     walk_pallas, walk_scan = jax.jit(pallas_gpu.gpu_walk_states), jax.jit(walk_states)
     states, v_new, _ = walk_pallas(terms, s0)
     outputs = jax.jit(lambda t, s, vn: chunk_outputs(t, s, vn, seq_len, jnp.bfloat16))
+    outputs_kernel = jax.jit(lambda t, s, vn: pallas_gpu.gpu_chunk_outputs(t, s, vn, seq_len, jnp.bfloat16))
 
     def walk_loss(t, s):
         st, vn, final = pallas_gpu.gpu_walk_states(t, s)
@@ -68,6 +70,7 @@ def stages():
         ("walk (Pallas)", walk_pallas, (terms, s0)),
         ("walk (XLA lax.scan)", walk_scan, (terms, s0)),
         ("chunk_outputs (XLA)", outputs, (terms, states, v_new)),
+        ("chunk_outputs (Pallas outputs kernel)", outputs_kernel, (terms, states, v_new)),
         ("walk fwd+bwd (Pallas)", jax.jit(jax.grad(walk_loss, argnums=(0, 1))), (terms, s0)))]
     gib = (sum(x.nbytes for x in jax.tree.leaves(terms)) + states.nbytes + v_new.nbytes) / 2**30
     return rows, gib

@@ -1,5 +1,5 @@
 """Shared by the chunk-parallel scans (``ops.delta_rule.chunked``, ``ops.ssm``): their matmul
-precision rule and time-axis padding."""
+precision rule, time-axis padding and the chunk layout."""
 
 from __future__ import annotations
 
@@ -28,3 +28,17 @@ def pad_time(x, pad):
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, pad)
     return jnp.pad(x, widths)
+
+
+def pad_to_chunks(xs, chunk_size):
+    """``[B, T, ...]`` arrays zero-padded on the time axis to N * ``chunk_size`` tokens; returns
+    them and N."""
+    seq_len = xs[0].shape[1]
+    pad = (-seq_len) % chunk_size
+    return [pad_time(x, pad) for x in xs], (seq_len + pad) // chunk_size
+
+
+def to_chunks(x, chunk_size):
+    """``[B, N*C, H, ...]`` -> ``[B, H, N, C, ...]``."""
+    batch, length, heads = x.shape[:3]
+    return jnp.moveaxis(x.reshape(batch, length // chunk_size, chunk_size, heads, *x.shape[3:]), 3, 1)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 
 from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.chunk_math import mm as _mm
-from infinitevl_jax.ops.chunk_math import pad_time as _pad_time
+from infinitevl_jax.ops.chunk_math import pad_to_chunks, to_chunks
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule import segment_resets
 
@@ -162,16 +162,10 @@ def _chunked_scan(x, dt, a, b, c, initial_state, reset, chunk_size=CHUNK_SIZE, m
     dtype of the chunk-parallel matmuls (decays, sums and the state stay float32)."""
     batch, seq_len, heads, head_dim = x.shape
     size = min(chunk_size, seq_len)  # no point padding a short sequence up to a full chunk
-    pad = (-seq_len) % size
-    n_chunks = (seq_len + pad) // size
     log_decay = dt * a  # [B, T, H]
     x_dt = x * dt[..., None]  # [B, T, H, P]
-    log_decay, x_dt, b, c, reset = (_pad_time(v, pad) for v in (log_decay, x_dt, b, c, reset))
-
-    def chunks(v):  # [B, n*L, H, ...] -> [B, H, n, L, ...]
-        return jnp.moveaxis(v.reshape(batch, n_chunks, size, heads, *v.shape[3:]), 3, 1)
-
-    log_decay, x_dt, b, c = (chunks(v) for v in (log_decay, x_dt, b, c))  # log_decay: [B, H, n, L]
+    (log_decay, x_dt, b, c, reset), n_chunks = pad_to_chunks((log_decay, x_dt, b, c, reset), size)
+    log_decay, x_dt, b, c = (to_chunks(v, size) for v in (log_decay, x_dt, b, c))  # log_decay: [B, H, n, L]
     segment = jnp.cumsum(reset.reshape(batch, 1, n_chunks, size).astype(jnp.int32), axis=-1)  # [B, 1, n, L]
 
     row = jnp.arange(size)[:, None]

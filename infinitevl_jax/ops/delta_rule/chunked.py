@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from infinitevl_jax.ops.chunk_math import mm as _mm
-from infinitevl_jax.ops.chunk_math import pad_time as _pad_time
+from infinitevl_jax.ops.chunk_math import pad_to_chunks, to_chunks
 from infinitevl_jax.ops.delta_rule.triangular import unit_lower_inverse
 
 CHUNK_SIZE = 64
@@ -80,12 +80,6 @@ class TokenDecays(NamedTuple):
     decay_chunk: jax.Array
 
 
-def to_chunks(x, chunk_size):
-    """``[B, N*C, H, ...]`` -> ``[B, H, N, C, ...]``."""
-    batch, length, heads = x.shape[:3]
-    return jnp.moveaxis(x.reshape(batch, length // chunk_size, chunk_size, heads, *x.shape[3:]), 3, 1)
-
-
 def token_decays(g, reset) -> TokenDecays:
     """``TokenDecays`` of g ``[B, H, N, C]`` (chunked) and reset ``[B, N*C]``. Only within-chunk
     sums of g are exponentiated: cumulative from the chunk start (decay_in) and from token j + 1
@@ -103,10 +97,8 @@ def token_decays(g, reset) -> TokenDecays:
 
 def prepare_chunks(q, k, v, g, beta, scale, reset, chunk_size=CHUNK_SIZE, matmul_dtype=jnp.float32) -> ChunkTerms:
     """All chunk-parallel work (batched matmuls), for inputs as in ``chunked_gated_delta_rule``."""
-    seq_len = q.shape[1]
     c = chunk_size
-    pad = (-seq_len) % c
-    q, k, v, g, beta, reset = (_pad_time(x, pad) for x in (q, k, v, g, beta, reset))
+    (q, k, v, g, beta, reset), _ = pad_to_chunks((q, k, v, g, beta, reset), c)
     q, k, v, g, beta = (to_chunks(x, c) for x in (q, k, v, g, beta))  # g, beta: [B, H, N, C]
     decays = token_decays(g, reset)
 

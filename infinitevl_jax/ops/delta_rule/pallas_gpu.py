@@ -18,12 +18,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
 from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step, dot,
-                                                     forward_out_shapes, forward_step, make_walk,
+                                                     forward_out_shapes, forward_step, make_walk, pad_trailing,
                                                      walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
 # V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
@@ -173,9 +172,8 @@ def _outputs_call(q_in, attn, states, v_new):
     d_v = v_new.shape[-1]
     pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-    pad = lambda x, rows, cols: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, rows), (0, cols)))
-    q_in, states = pad(flat(q_in), 0, pk - d_k), pad(flat(states), pk - d_k, pv - d_v)
-    attn, v_new = flat(attn), pad(flat(v_new), 0, pv - d_v)
+    q_in, states = pad_trailing(flat(q_in), pk), pad_trailing(flat(states), pk, pv)
+    attn, v_new = flat(attn), pad_trailing(flat(v_new), pv)
     bv = min(pv, MAX_BLOCK_V_OUT)
     interpret, params, precision = backend_params(q_in.dtype)
     whole = lambda rows, cols: pl.BlockSpec((pl.squeezed, pl.squeezed, rows, cols), lambda g, i, j: (g, i, 0, 0))

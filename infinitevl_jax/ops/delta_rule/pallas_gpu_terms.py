@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from infinitevl_jax.ops.chunk_math import pad_time
-from infinitevl_jax.ops.delta_rule.chunked import ChunkTerms, prepare_chunks, to_chunks, token_decays
+from infinitevl_jax.ops.chunk_math import pad_to_chunks, to_chunks
+from infinitevl_jax.ops.delta_rule.chunked import ChunkTerms, prepare_chunks, token_decays
 from infinitevl_jax.ops.delta_rule.pallas_gpu import backend_params, next_power_of_two
-from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot
+from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot, pad_trailing
 
 MAX_BLOCK_V_TERMS = 128  # U is formed in V-blocks of this width (bounds the registers it takes)
 
@@ -44,16 +44,11 @@ def _unit_lower_inverse(a, precision):
     c = a.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
-    inverse = eye
-    b = 1
+    lower_left = lambda b: jnp.where(((row // (2 * b)) == (col // (2 * b))) & ((row // b) > (col // b)), a, 0.0)
+    inverse = jnp.where(row == col, 1.0, 0.0).astype(F32) - lower_left(1)  # X_2 = X_1 - O_1 with X_1 = I
+    b = 2
     while b < c:
-        lower_left = ((row // (2 * b)) == (col // (2 * b))) & ((row // b) > (col // b))
-        off = jnp.where(lower_left, a, 0.0)
-        if b == 1:
-            inverse = eye - off  # X_1 = I
-        else:
-            inverse = inverse - dot(dot(inverse, off, precision), inverse, precision)
+        inverse = inverse - dot(dot(inverse, lower_left(b), precision), inverse, precision)
         b *= 2
     return inverse
 
@@ -90,22 +85,19 @@ def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref
 
 def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> ChunkTerms:
     """``prepare_chunks`` with the chunk-parallel work in ``_terms_kernel``."""
-    batch, seq_len, heads, d_k = q.shape
+    batch, _, heads, d_k = q.shape
     d_v = v.shape[-1]
     c = chunk_size
-    pad = (-seq_len) % c
-    q, k, v, g, beta, reset = (pad_time(x, pad) for x in (q, k, v, g, beta, reset))
-    n = (seq_len + pad) // c
+    (q, k, v, g, beta, reset), n = pad_to_chunks((q, k, v, g, beta, reset), c)
     pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
-    pad_last = lambda x, size: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
-    q, k, v = pad_last(q, pk), pad_last(k, pk), pad_last(v, pv)
+    q, k, v = pad_trailing(q, pk), pad_trailing(k, pk), pad_trailing(v, pv)
 
     g_chunks, beta_chunks = to_chunks(g, c), to_chunks(beta, c)  # [B, H, N, C]
     decays = token_decays(g_chunks, reset)
     groups = batch * heads
     column = lambda x: jnp.broadcast_to(x, (batch, heads, n, c)).reshape(groups, n, c, 1).astype(F32)
-    segment = decays.segment
-    per_token = [column(g_chunks), column(beta_chunks), column(segment), column(segment).reshape(groups, n, 1, c),
+    segment = column(decays.segment)
+    per_token = [column(g_chunks), column(beta_chunks), segment, segment.reshape(groups, n, 1, c),
                  column(decays.decay_in), column(decays.decay_out)]
 
     interpret, params, precision = backend_params(matmul_dtype)

@@ -142,8 +142,11 @@ def make_walk(calls: WalkCalls) -> Callable:
     return walk
 
 
-def _pad_last(x, size):
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+def pad_trailing(x, *sizes):
+    """``x`` with its last ``len(sizes)`` dims zero-padded up to ``sizes`` (Triton's power-of-two
+    head dims; zero rows and columns change nothing in the delta rule)."""
+    widths = [(0, 0)] * (x.ndim - len(sizes)) + [(0, size - dim) for size, dim in zip(sizes, x.shape[-len(sizes):])]
+    return jnp.pad(x, widths)
 
 
 def walk_states_with(walk: Callable, terms, initial_state, padded_dims: Callable[[int, int], tuple[int, int]]):
@@ -154,10 +157,10 @@ def walk_states_with(walk: Callable, terms, initial_state, padded_dims: Callable
     d_v = terms.u.shape[-1]
     pk, pv = padded_dims(d_k, d_v)
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-    w, k_out = (_pad_last(flat(x), pk) for x in (terms.w, terms.k_out))
-    u = _pad_last(flat(terms.u), pv)
+    w, k_out = (pad_trailing(flat(x), pk) for x in (terms.w, terms.k_out))
+    u = pad_trailing(flat(terms.u), pv)
     decay = jnp.broadcast_to(flat(terms.decay)[..., None, None], (batch * heads, n, pk, 1))
-    s0 = jnp.pad(flat(initial_state), ((0, 0), (0, pk - d_k), (0, pv - d_v)))
+    s0 = pad_trailing(flat(initial_state), pk, pv)
     states, v_new, final = walk(w, u, k_out, decay, s0)
     unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
     return (unflat(states[..., :d_k, :d_v]), unflat(v_new[..., :d_v]), unflat(final[:, :d_k, :d_v]))
