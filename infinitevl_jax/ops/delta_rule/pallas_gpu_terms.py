@@ -8,8 +8,8 @@ and v straight from the ``[B, T, H, d]`` inputs and forms, on-chip,
     exponent_ij = sum of g over (j, i]              (a matmul with the lower-triangular ones)
     A  = strict_lower(beta_i E_ij k_i.k_j)          E = exp(exponent) where i >= j, same segment
     X  = (I + A)^-1                                 (block doubling, below)
-    W  = X diag(beta decay_in) K,  U = X diag(beta) V,  k_out = diag(decay_out) K,
-    q_in = diag(decay_in) scale Q,  attn = (scale Q K^T) * E
+    W  = (X diag(beta decay_in)) K,  U = (X diag(beta)) V,  k_out = diag(decay_out) K,
+    q_in = diag(decay_in) scale Q,  attn = (Q K^T) * scale E
 
 and writes them in the matmul dtype. The inverse doubles block sizes b = 1, 2, ..., C/2 with
 masked full-tile matmuls: with X_b = (I + D_b)^-1 for the b-block diagonal part D_b of A and O_b
@@ -54,9 +54,11 @@ def _unit_lower_inverse(a, precision):
 
 
 def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref, d_in_ref, d_out_ref,
-                  w_ref, u_ref, k_out_ref, q_in_ref, attn_ref, *, scale, f32_precision, precision):
+                  beta_row_ref, d_in_row_ref, w_ref, u_ref, k_out_ref, q_in_ref, attn_ref, *, scale,
+                  f32_precision, precision):
     """One (group, chunk): q, k ``[C, K]``, v ``[C, V]`` (input dtype); g, beta, seg_col, d_in,
-    d_out ``[C, 1]`` and seg_row ``[1, C]`` (float32); outputs in the matmul dtype."""
+    d_out ``[C, 1]`` and seg_row, beta_row, d_in_row ``[1, C]`` (float32); outputs in the matmul
+    dtype. The diagonal factors of W and U scale the inverse's columns, as in ``prepare_chunks``."""
     operand = w_ref.dtype
     c = k_ref.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
@@ -66,20 +68,20 @@ def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref
     visible = (row >= col) & (seg_col_ref[...] == seg_row_ref[...])
     decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)
 
-    k = k_ref[...].astype(F32)
-    beta = beta_ref[...]
-    kk = dot(k.astype(operand), k.astype(operand), precision, contract=((1,), (1,)))
-    inverse = _unit_lower_inverse(jnp.where(row > col, beta * decay * kk, 0.0), f32_precision).astype(operand)
-    w_ref[...] = dot(inverse, (beta * d_in_ref[...] * k).astype(operand), precision).astype(w_ref.dtype)
+    k = k_ref[...].astype(operand)
+    beta_row = beta_row_ref[...]
+    kk = dot(k, k, precision, contract=((1,), (1,)))
+    inverse = _unit_lower_inverse(jnp.where(row > col, beta_ref[...] * decay * kk, 0.0), f32_precision)
+    w_ref[...] = dot((inverse * (beta_row * d_in_row_ref[...])).astype(operand), k, precision).astype(w_ref.dtype)
+    inverse_beta = (inverse * beta_row).astype(operand)
     bv = min(v_ref.shape[1], MAX_BLOCK_V_TERMS)
     for j in range(v_ref.shape[1] // bv):
         block = pl.ds(j * bv, bv)
-        scaled_v = (beta * v_ref[:, block].astype(F32)).astype(operand)
-        u_ref[:, block] = dot(inverse, scaled_v, precision).astype(u_ref.dtype)
-    k_out_ref[...] = (k * d_out_ref[...]).astype(k_out_ref.dtype)
-    q_scaled = q_ref[...].astype(F32) * scale
-    q_in_ref[...] = (q_scaled * d_in_ref[...]).astype(q_in_ref.dtype)
-    attn = dot(q_scaled.astype(operand), k.astype(operand), precision, contract=((1,), (1,))) * decay
+        u_ref[:, block] = dot(inverse_beta, v_ref[:, block].astype(operand), precision).astype(u_ref.dtype)
+    k_out_ref[...] = (k_ref[...].astype(F32) * d_out_ref[...]).astype(k_out_ref.dtype)
+    q = q_ref[...]
+    q_in_ref[...] = (q.astype(F32) * (scale * d_in_ref[...])).astype(q_in_ref.dtype)
+    attn = dot(q.astype(operand), k, precision, contract=((1,), (1,))) * (scale * decay)
     attn_ref[...] = attn.astype(attn_ref.dtype)
 
 
@@ -97,8 +99,9 @@ def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> Chu
     groups = batch * heads
     column = lambda x: jnp.broadcast_to(x, (batch, heads, n, c)).reshape(groups, n, c, 1).astype(F32)
     segment = column(decays.segment)
-    per_token = [column(g_chunks), column(beta_chunks), segment, segment.reshape(groups, n, 1, c),
-                 column(decays.decay_in), column(decays.decay_out)]
+    row_of = lambda x: x.reshape(groups, n, 1, c)
+    per_token = [column(g_chunks), column(beta_chunks), segment, row_of(segment), column(decays.decay_in),
+                 column(decays.decay_out), row_of(column(beta_chunks)), row_of(column(decays.decay_in))]
 
     interpret, params, precision = backend_params(matmul_dtype)
     _, _, f32_precision = backend_params(F32)
@@ -109,7 +112,7 @@ def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> Chu
         functools.partial(_terms_kernel, scale=scale, f32_precision=f32_precision, precision=precision),
         grid=(groups, n),
         in_specs=[by_token(pk), by_token(pk), by_token(pv), by_chunk(c, 1), by_chunk(c, 1), by_chunk(c, 1),
-                  by_chunk(1, c), by_chunk(c, 1), by_chunk(c, 1)],
+                  by_chunk(1, c), by_chunk(c, 1), by_chunk(c, 1), by_chunk(1, c), by_chunk(1, c)],
         out_specs=[by_chunk(c, pk), by_chunk(c, pv), by_chunk(c, pk), by_chunk(c, pk), by_chunk(c, c)],
         out_shape=[out(c, pk), out(c, pv), out(c, pk), out(c, pk), out(c, c)],
         interpret=interpret, compiler_params=params, name="gdn_chunk_terms",
