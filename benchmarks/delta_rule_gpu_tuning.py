@@ -1,9 +1,10 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
+        [--sections stages kernels precision launch]
 
-1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel of
-   ``pallas_triton_terms``), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
+1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
+   ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
    comparison) and the outputs (XLA, and the Pallas outputs kernel of ``pallas``); the walk
    forward+backward; then the top device kernels of the whole forward and forward+backward
    (``jax.profiler``).
@@ -43,6 +44,7 @@ PRECISIONS = {
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
             (128, 8, 2)]  # (V-block, num_warps, num_stages)
 PROFILE_CALLS = 5
+SECTIONS = ("stages", "kernels", "precision", "launch")
 
 
 def stages():
@@ -77,12 +79,13 @@ def stages():
 
 
 def kernel_profiles():
-    """Top device kernels of the whole Pallas forward and forward+backward, B1 T65536."""
+    """Top device kernels of the whole Pallas forward and forward+backward, B1 T65536, with the
+    JAX operation each XLA fusion came from."""
     args = jax_args(make_inputs(1, 65536))
     profiles = []
     for name, fn in (("forward", forward("pallas")), ("forward+backward", forward_backward("pallas"))):
         run = lambda: jax.block_until_ready(fn(*args))
-        profiles.append(profile(name, run, PROFILE_CALLS))
+        profiles.append(profile(name, run, PROFILE_CALLS, hlo_text=fn.lower(*args).compile().as_text()))
     return profiles
 
 
@@ -126,6 +129,8 @@ def _shown(row):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/delta_rule_gpu_tuning.json")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to run (default: all; the JSON holds only these)")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # internal: one setting, JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
@@ -142,26 +147,30 @@ def main(argv=None):
         results.update(section)
         write_json(args.out, results)
 
-    stage_rows, gib = stages()
-    print_table(stage_rows, ["stage", "ms"])
-    print(f"per-chunk terms + entry states + V': {gib:.2f} GiB\n")
-    save(stages=stage_rows, terms_gib=gib)
-    profiles = kernel_profiles()
-    for p in profiles:
-        print(f"{p['workload']}: wall {p['wall_ms']:.2f} ms, kernels {p['busy_ms']:.2f} ms, "
-              f"{p['kernels_per_call']:.0f} launches")
-        print_table(p["top"][:12], ["kernel", "us_per_call", "launches_per_call"])
+    if "stages" in args.sections:
+        stage_rows, gib = stages()
+        print_table(stage_rows, ["stage", "ms"])
+        print(f"per-chunk terms + entry states + V': {gib:.2f} GiB\n")
+        save(stages=stage_rows, terms_gib=gib)
+    if "kernels" in args.sections:
+        profiles = kernel_profiles()
+        for p in profiles:
+            print(f"{p['workload']}: wall {p['wall_ms']:.2f} ms, kernels {p['busy_ms']:.2f} ms, "
+                  f"{p['kernels_per_call']:.0f} launches")
+            print_table(p["top"][:12], ["kernel", "us_per_call", "launches_per_call", "op"])
+            print()
+        save(kernels=profiles)
+    if "precision" in args.sections:
+        precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
+        print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
         print()
-    save(kernels=profiles)
-    precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
-    print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
-    print()
-    save(precision=precision_rows)
-    launch_rows = [dict(block_v=b, num_warps=w, num_stages=st, **in_fresh_process("launch", b, w, st))
-                   for b, w, st in LAUNCHES]
-    print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
-    save(launch=launch_rows, complete=True)
-
+        save(precision=precision_rows)
+    if "launch" in args.sections:
+        launch_rows = [dict(block_v=b, num_warps=w, num_stages=st, **in_fresh_process("launch", b, w, st))
+                       for b, w, st in LAUNCHES]
+        print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
+        save(launch=launch_rows)
+    save(sections=args.sections, complete=True)
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,9 @@
 
 ``profile(name, run, calls)`` times ``run()`` (which blocks) untraced, then traces ``calls`` more
 and sums the device events by kernel name: wall ms, device-busy ms (the sum of kernel times),
-kernels per call and the top kernels.
+kernels per call and the top kernels. Given the compiled program's HLO text
+(``jitted.lower(*args).compile().as_text()``), each top kernel also names the JAX operation its
+XLA fusion came from (the ``op_name`` metadata), e.g. ``transpose(jvp())/reduce_sum``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 import tempfile
 import time
 
@@ -37,8 +40,19 @@ def device_events(trace_dir: str) -> list[tuple[str, float]]:
     return events
 
 
-def profile(name: str, run, calls: int) -> dict:
-    """Wall ms per call of ``run()`` (which blocks), then its device kernels per call under a trace."""
+def fusion_ops(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> ``op_name`` of the HLO instruction it runs. The GPU trace names a fusion's
+    kernel after the instruction with dots as underscores (``%gemm_fusion_dot.56`` runs as
+    ``gemm_fusion_dot_56``)."""
+    ops = {}
+    for match in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text, re.MULTILINE):
+        ops.setdefault(match.group(1).replace(".", "_"), match.group(2))
+    return ops
+
+
+def profile(name: str, run, calls: int, hlo_text: str | None = None) -> dict:
+    """Wall ms per call of ``run()`` (which blocks), then its device kernels per call under a
+    trace; with ``hlo_text``, each top kernel's source op (``fusion_ops``)."""
     import jax
 
     run()
@@ -58,6 +72,8 @@ def profile(name: str, run, calls: int) -> dict:
         entry[1] += 1
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     busy_ms = sum(ns for _, ns in events) / calls / 1e6
+    ops = fusion_ops(hlo_text) if hlo_text else {}
     return dict(workload=name, wall_ms=wall_ms, busy_ms=busy_ms, kernels_per_call=len(events) / calls,
-                top=[dict(kernel=kernel[:90], us_per_call=ns / calls / 1e3, launches_per_call=n / calls)
+                top=[dict(kernel=kernel[:90], us_per_call=ns / calls / 1e3, launches_per_call=n / calls,
+                          op=ops.get(kernel, "")[:120])
                      for kernel, (ns, n) in top])

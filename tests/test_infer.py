@@ -2,6 +2,8 @@
 session, CLI (tiny models on the CPU)."""
 
 import dataclasses
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -150,6 +152,24 @@ def test_reload_weights_takes_the_source_decoders_current_weights(unroll_layers)
     np.testing.assert_allclose(prefill()[0], expected, atol=2e-5 * np.abs(expected).max())
     assert np.abs(expected - before[0]).max() > 1e-3  # the change is visible
     assert engine.compile_counts()["prefill"] == 1
+
+
+def test_unrolled_engine_does_not_keep_the_stacked_weights_alive():
+    """Once the caller drops the stacked decoder its weights are freed (the engine's unrolled copy
+    is the only one left), the engine still runs, and reload_weights says why it cannot."""
+    decoder = tiny_decoder()
+    engine = DecoderEngine(decoder, chunk_size=16, unroll_layers=True)
+    prompt = np.random.default_rng(6).integers(0, 512, (1, 9)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(9, dtype=np.int32), (3, 1, 9))
+    prefill = lambda: np.asarray(engine.prefill(engine.decoder.init_cache(1), positions, input_ids=prompt)[0])
+    before = prefill()
+    stacked_kernel = weakref.ref(decoder.blocks.layers[1].mlp.down_proj.kernel[...])
+    del decoder
+    gc.collect()
+    assert stacked_kernel() is None
+    np.testing.assert_array_equal(prefill(), before)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        engine.reload_weights()
 
 
 def test_decode_compiles_once_and_cache_size_is_constant():

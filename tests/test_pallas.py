@@ -15,8 +15,8 @@ from tests.reference.delta_rule import gated_delta_rule_ref
 B, T, H, K = 2, 130, 2, 24
 # Triton: d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32. Mosaic TPU: d_k 24 whole;
 # d_v 256 = 2 V-blocks of 128. Both walk several V-blocks, each writing its slice of V', dV and dS.
-# pallas_triton_terms: the Triton kernels with the chunk terms' kernel too (forward only).
-KERNELS = {"pallas_triton": 80, "pallas_triton_terms": 80, "pallas_mosaic_tpu": 256}
+# pallas_triton forms forward-only chunk terms in its kernel too; pallas_triton_xla_terms in XLA.
+KERNELS = {"pallas_triton": 80, "pallas_triton_xla_terms": 80, "pallas_mosaic_tpu": 256}
 
 
 @pytest.fixture(params=sorted(KERNELS))
@@ -125,15 +125,15 @@ def test_terms_kernel_matches_prepare_chunks(dtype, tol):
         np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
 
 
-# What each Triton impl's call lowers to: pallas_triton's forward+backward, and the forward of
-# pallas_triton_terms (differentiated, its terms are XLA's).
-TRITON_LOWERINGS = {"pallas_triton": (True, ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
-                    "pallas_triton_terms": (False, ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs"))}
+# What each Triton impl's call lowers to, forward only and differentiated (whose terms are XLA's).
+TRITON_LOWERINGS = [("pallas_triton", False, ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs")),
+                    ("pallas_triton", True, ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+                    ("pallas_triton_xla_terms", False, ("gdn_state_walk_fwd", "gdn_chunk_outputs"))]
 
 
-@pytest.mark.parametrize("impl", sorted(TRITON_LOWERINGS))
+@pytest.mark.parametrize("impl,with_backward,kernels", TRITON_LOWERINGS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype, impl):
+def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype, impl, with_backward, kernels):
     """The kernels lower through Pallas' Triton lowering for CUDA on any host (their Triton IR is
     built at lowering time; PTX is compiled on the GPU): d_k 128, d_v 256, chunk 64, with bf16
     terms (16-bit inputs) and float32 terms (3xTF32 matmuls)."""
@@ -142,7 +142,6 @@ def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype, i
     q = k = shape(1, 256, 2, 128)
     v = shape(1, 256, 2, 256)
     g, beta = shape(1, 256, 2, dt="float32"), shape(1, 256, 2)
-    with_backward, kernels = TRITON_LOWERINGS[impl]
 
     def loss(q, k, v, g, beta):
         o, state = gated_delta_rule(q, k, v, g, beta, impl=impl)

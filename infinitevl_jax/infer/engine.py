@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 import sys
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ class DecoderEngine:
     GEMM reads it, which doubled a decode step's weight traffic: an InfiniteVL-4B decode step
     spent 8.1 ms in kernels scanned and took 4.1 ms unrolled on an H200 (benchmarks/RESULTS.md).
     The block weights are copied once: while the caller keeps ``source``, they take twice the
-    memory. Costs: longer compiles, and more host time per call (a streamed 448x448 frame's
+    memory. The engine holds ``source`` only by a weak reference, so once the caller drops it
+    the unrolled copy is the only one (``reload_weights`` then raises). Costs: longer compiles, and more host time per call (a streamed 448x448 frame's
     ``push_frame`` took 22.4 ms of host time unrolled vs 12.0 ms scanned, benchmarks/RESULTS.md).
     """
 
@@ -123,7 +125,7 @@ class DecoderEngine:
                  unroll_layers: bool | None = None):
         chunk_plan(1, chunk_size, min_bucket)  # validates the sizes
         self.unroll_layers = unroll_by_default(unroll_layers)
-        self.source = source
+        self._source = weakref.ref(source)
         self.chunk_size, self.min_bucket = chunk_size, min_bucket
         self.decoder = self._runnable()
         skeleton, self.params, self._leaves = split_flat(self.decoder)
@@ -134,6 +136,17 @@ class DecoderEngine:
         self._decode = jax.jit(self._counted("decode", functools.partial(_decode_step, skeleton)),
                                static_argnums=(0, 1), donate_argnums=(3,))
         self._sample = jax.jit(sample_tokens, static_argnums=(2, 3))
+
+    @property
+    def source(self) -> Decoder:
+        """The decoder this engine was built from (held weakly, see the class docstring)."""
+        source = self._source()
+        if source is None:
+            raise RuntimeError(
+                "this engine's source decoder no longer exists: the engine holds it only weakly, so that an "
+                "unrolled engine does not keep a second copy of the weights alive; keep a reference to the "
+                "decoder to call reload_weights")
+        return source
 
     def _runnable(self) -> Decoder:
         """The decoder this engine runs: ``source`` itself, or its unstacked copy when unrolling."""

@@ -7,14 +7,15 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
 
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
-- ``"pallas"``: the same chunk-parallel terms in XLA, the walk across chunks in Pallas kernels
-  with a hand-written reverse walk for gradients (on GPU the outputs in a Pallas kernel too):
-  ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels interpreted on
-  CPU. Both named variants run on CPU in their interpreters (tests);
-- ``"pallas_triton_terms"``: ``pallas_triton`` with the chunk-parallel terms in a Triton kernel
-  too (``pallas_gpu_terms``) for forward-only calls (differentiated, the terms stay XLA's).
-  Tested in interpret mode and lowered for CUDA in the tests; not yet timed on a GPU, so
-  ``"pallas"`` does not pick it;
+- ``"pallas"``: the walk across chunks in Pallas kernels with a hand-written reverse walk for
+  gradients: ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels
+  interpreted on CPU. ``pallas_triton`` also forms the chunk-parallel terms of forward-only calls
+  (inference, prefill) and the outputs in Triton kernels (``pallas_gpu_terms``, ``pallas_gpu``);
+  differentiated, its terms are XLA's (``chunked.prepare_chunks``) and so is their VJP.
+  ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run on CPU in
+  their interpreters (tests);
+- ``"pallas_triton_xla_terms"``: ``pallas_triton`` with XLA's terms in forward-only calls too
+  (for comparison in benchmarks/delta_rule_gpu.py);
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
   ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
   the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and
@@ -43,9 +44,10 @@ from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
-    "pallas_triton": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states, outputs=gpu_chunk_outputs),
-    "pallas_triton_terms": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks, walk=gpu_walk_states,
-                                             outputs=gpu_chunk_outputs),
+    "pallas_triton": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks, walk=gpu_walk_states,
+                                       outputs=gpu_chunk_outputs),
+    "pallas_triton_xla_terms": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states,
+                                                 outputs=gpu_chunk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 

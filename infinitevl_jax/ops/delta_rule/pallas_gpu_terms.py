@@ -14,10 +14,17 @@ and v straight from the ``[B, T, H, d]`` inputs and forms, on-chip,
 and writes them in the matmul dtype. The inverse doubles block sizes b = 1, 2, ..., C/2 with
 masked full-tile matmuls: with X_b = (I + D_b)^-1 for the b-block diagonal part D_b of A and O_b
 the lower-left b x b blocks inside each 2b-block, ``X_2b = X_b - X_b O_b X_b`` (exact: O_b X_b O_b
-= 0), which is ``triangular.unit_lower_inverse``'s block merge applied to all blocks at once. The
-exponent and the inverse are float32 (3xTF32 on GPU); the input-facing matmuls take the matmul
-dtype with float32 accumulation, as in XLA. Per-token decay factors (``chunked.token_decays``)
-are small and come from XLA.
+= 0), which is ``triangular.unit_lower_inverse``'s block merge applied to all blocks at once.
+The input-facing matmuls take the matmul dtype with float32 accumulation, as in XLA. Per-token
+decay factors (``chunked.token_decays``) are small and come from XLA.
+
+Precision of the float32 matmuls:
+- The exponent is float32-exact: g is split into three bf16 parts (24 significant bits in all)
+  and each part is multiplied by the 0/1 matrix, which is exact, with float32 accumulation.
+- The inverse with float32 terms is 3xTF32 (float32-level).
+- The inverse with 16-bit terms is one TF32 pass on GPU. It is rounded to the 16-bit dtype
+  right after, and 3xTF32 made the kernel 4x slower (6.4 ms against 1.6 ms at B1 T65536 H16 on
+  an H200).
 
 Differentiation goes through XLA: under ``jax.vjp`` the forward runs ``prepare_chunks`` itself
 and its VJP is the backward, so the kernel serves forward-only calls (inference and prefill).
@@ -53,9 +60,22 @@ def _unit_lower_inverse(a, precision):
     return inverse
 
 
+def _exact_lower_sums(ones, x):
+    """``ones @ x`` for a 0/1 float32 ``ones`` to float32 accuracy with bf16 operands: x as the
+    sum of three bf16 parts (8 significant bits each), every product exact, float32 sums."""
+    parts = []
+    rest = x
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(F32)
+    ones = ones.astype(jnp.bfloat16)
+    return sum(dot(ones, part, None) for part in parts)
+
+
 def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref, d_in_ref, d_out_ref,
                   beta_row_ref, d_in_row_ref, w_ref, u_ref, k_out_ref, q_in_ref, attn_ref, *, scale,
-                  f32_precision, precision):
+                  inverse_precision, precision):
     """One (group, chunk): q, k ``[C, K]``, v ``[C, V]`` (input dtype); g, beta, seg_col, d_in,
     d_out ``[C, 1]`` and seg_row, beta_row, d_in_row ``[1, C]`` (float32); outputs in the matmul
     dtype. The diagonal factors of W and U scale the inverse's columns, as in ``prepare_chunks``."""
@@ -64,14 +84,14 @@ def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
     ones_lower = jnp.where(row >= col, 1.0, 0.0).astype(F32)
-    exponent = dot(ones_lower, jnp.where(row > col, g_ref[...], 0.0), f32_precision)  # sum of g over (j, i]
+    exponent = _exact_lower_sums(ones_lower, jnp.where(row > col, g_ref[...], 0.0))  # sum of g over (j, i]
     visible = (row >= col) & (seg_col_ref[...] == seg_row_ref[...])
     decay = jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)
 
     k = k_ref[...].astype(operand)
     beta_row = beta_row_ref[...]
     kk = dot(k, k, precision, contract=((1,), (1,)))
-    inverse = _unit_lower_inverse(jnp.where(row > col, beta_ref[...] * decay * kk, 0.0), f32_precision)
+    inverse = _unit_lower_inverse(jnp.where(row > col, beta_ref[...] * decay * kk, 0.0), inverse_precision)
     w_ref[...] = dot((inverse * (beta_row * d_in_row_ref[...])).astype(operand), k, precision).astype(w_ref.dtype)
     inverse_beta = (inverse * beta_row).astype(operand)
     bv = min(v_ref.shape[1], MAX_BLOCK_V_TERMS)
@@ -105,11 +125,13 @@ def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> Chu
 
     interpret, params, precision = backend_params(matmul_dtype)
     _, _, f32_precision = backend_params(F32)
+    one_tf32_pass = not interpret and jnp.dtype(matmul_dtype) != F32
+    inverse_precision = jax.lax.Precision.HIGH if one_tf32_pass else f32_precision
     by_token = lambda d: pl.BlockSpec((pl.squeezed, c, pl.squeezed, d), lambda gi, i: (gi // heads, i, gi % heads, 0))
     by_chunk = lambda *block: pl.BlockSpec((pl.squeezed, pl.squeezed, *block), lambda gi, i: (gi, i, 0, 0))
     out = lambda *shape: jax.ShapeDtypeStruct((groups, n, *shape), matmul_dtype)
     w, u, k_out, q_in, attn = pl.pallas_call(
-        functools.partial(_terms_kernel, scale=scale, f32_precision=f32_precision, precision=precision),
+        functools.partial(_terms_kernel, scale=scale, inverse_precision=inverse_precision, precision=precision),
         grid=(groups, n),
         in_specs=[by_token(pk), by_token(pk), by_token(pv), by_chunk(c, 1), by_chunk(c, 1), by_chunk(c, 1),
                   by_chunk(1, c), by_chunk(c, 1), by_chunk(c, 1), by_chunk(1, c), by_chunk(1, c)],
