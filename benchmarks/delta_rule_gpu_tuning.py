@@ -1,7 +1,7 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
-        [--sections stages kernels precision launch]
+        [--sections stages kernels precision launch terms_backward]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
@@ -12,6 +12,9 @@
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
 3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
    (bf16 inputs, so bf16 chunk terms and matmul operands).
+4. terms_backward: forward+backward at B1 T65536 and B8 T4096 with the chunk terms' VJP by XLA
+   and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``), and each one's
+   largest gradient error against the chunked impl at B1 T4096.
 
 Pallas caches traced kernels, so every precision and launch setting runs in a fresh process.
 H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
@@ -44,7 +47,8 @@ PRECISIONS = {
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
             (128, 8, 2)]  # (V-block, num_warps, num_stages)
 PROFILE_CALLS = 5
-SECTIONS = ("stages", "kernels", "precision", "launch")
+SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
+TERMS_BACKWARDS = ("xla", "kernel")
 
 
 def stages():
@@ -108,6 +112,20 @@ def launch_row(block_v, warps, num_stages):
     return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10))
 
 
+def terms_backward_row(mode):
+    """Forward+backward with the chunk terms' VJP ``mode``: ms at two shapes, and the largest
+    relative gradient error against the chunked impl."""
+    pallas_gpu_terms.TERMS_BACKWARD = mode
+    row = {}
+    for batch, seq_len in ((1, 65536), (8, 4096)):
+        args = jax_args(make_inputs(batch, seq_len))
+        row[f"B{batch}_T{seq_len}_ms"] = median_ms(forward_backward("pallas"), *args, iters=10)
+    args = jax_args(make_inputs(1, 4096, seed=3))
+    grads = [[x.astype(jnp.float32) for x in forward_backward(impl)(*args)] for impl in ("pallas", "chunked")]
+    errors = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(*grads)]
+    return dict(row, max_grad_rel_err=max(errors))
+
+
 def in_fresh_process(*setting):
     """One setting in a new process; a setting that fails to compile or run (e.g. shared memory
     exceeded) is a result of the sweep, recorded with the last line of its error."""
@@ -135,7 +153,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.one:
         kind, *rest = args.one
-        print(json.dumps(precision_row(*rest) if kind == "precision" else launch_row(*map(int, rest))))
+        rows = dict(precision=lambda: precision_row(*rest), terms_backward=lambda: terms_backward_row(*rest),
+                    launch=lambda: launch_row(*map(int, rest)))
+        print(json.dumps(rows[kind]()))
         return
     if jax.default_backend() != "gpu":
         raise SystemExit(f"error: this benchmark needs a GPU (backend is {jax.default_backend()!r})")
@@ -170,6 +190,12 @@ def main(argv=None):
                        for b, w, st in LAUNCHES]
         print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
         save(launch=launch_rows)
+    if "terms_backward" in args.sections:
+        backward_rows = [dict(terms_backward=mode, **in_fresh_process("terms_backward", mode))
+                         for mode in TERMS_BACKWARDS]
+        columns = list(dict.fromkeys(key for row in backward_rows for key in row))  # a failed row has ms/error
+        print_table([{key: row.get(key, "-") for key in columns} for row in backward_rows], columns)
+        save(terms_backward=backward_rows)
     save(sections=args.sections, complete=True)
 
 if __name__ == "__main__":

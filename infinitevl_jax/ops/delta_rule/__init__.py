@@ -11,7 +11,9 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   gradients: ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels
   interpreted on CPU. ``pallas_triton`` also forms the chunk-parallel terms of forward-only calls
   (inference, prefill) and the outputs in Triton kernels (``pallas_gpu_terms``, ``pallas_gpu``);
-  differentiated, its terms are XLA's (``chunked.prepare_chunks``) and so is their VJP.
+  differentiated, its terms are XLA's (``chunked.prepare_chunks``) and so is their VJP
+  (``pallas_gpu_terms.TERMS_BACKWARD = "kernel"`` swaps in a Triton backward for the terms,
+  tested but not yet timed).
   ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run on CPU in
   their interpreters (tests);
 - ``"pallas_triton_xla_terms"``: ``pallas_triton`` with XLA's terms in forward-only calls too
