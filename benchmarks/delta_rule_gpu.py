@@ -123,7 +123,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="BxT",
                         help="batch x length cases to time (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", choices=IMPL_CHOICES, default=list(IMPLS),
-                        help="our impls to time (the correctness check always runs both)")
+                        help="our impls to time (each Pallas impl timed, and pallas, is first checked against chunked)")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit("error: this benchmark needs a GPU (jax.default_backend() is "

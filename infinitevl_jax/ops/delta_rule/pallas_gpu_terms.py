@@ -82,11 +82,11 @@ def _bf16_parts(x):
     return parts
 
 
-def _exact_lower_sums(ones, x):
-    """``ones @ x`` for a 0/1 float32 ``ones`` to float32 accuracy with bf16 operands: every
-    product with a part of x is exact, the sums float32."""
+def _exact_dot_01(x, ones, ones_on_left):
+    """``ones @ x`` (or ``x @ ones``) for a 0/1 float32 ``ones`` to float32 accuracy with bf16
+    operands: every product with a part of x is exact, the sums float32."""
     ones = ones.astype(jnp.bfloat16)
-    return sum(dot(ones, part, None) for part in _bf16_parts(x))
+    return sum(dot(ones, part, None) if ones_on_left else dot(part, ones, None) for part in _bf16_parts(x))
 
 
 def _strict_lower(x):
@@ -97,15 +97,15 @@ def _strict_lower(x):
 
 
 def _chunk_decay(g_col, seg_col, seg_row):
-    """``(exponent, visible, decay)`` ``[C, C]`` of one chunk: exponent_ij = sum of g over (j, i]
-    (float32-exact), visible = i >= j in the same segment, decay = exp(exponent) where visible."""
+    """The decay ``[C, C]`` of one chunk: exp(sum of g over (j, i]) where token i sees token j
+    (i >= j, same segment), else 0; the exponent is float32-exact."""
     c = g_col.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
     ones_lower = jnp.where(row >= col, 1.0, 0.0).astype(F32)
-    exponent = _exact_lower_sums(ones_lower, jnp.where(row > col, g_col, 0.0))
+    exponent = _exact_dot_01(jnp.where(row > col, g_col, 0.0), ones_lower, ones_on_left=True)
     visible = (row >= col) & (seg_col == seg_row)
-    return exponent, visible, jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)
+    return jnp.where(visible, jnp.exp(jnp.where(visible, exponent, 0.0)), 0.0)
 
 
 def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref, d_in_ref, d_out_ref,
@@ -115,7 +115,7 @@ def _terms_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, seg_row_ref
     d_out ``[C, 1]`` and seg_row, beta_row, d_in_row ``[1, C]`` (float32); outputs in the matmul
     dtype. The diagonal factors of W and U scale the inverse's columns, as in ``prepare_chunks``."""
     operand = w_ref.dtype
-    _, _, decay = _chunk_decay(g_ref[...], seg_col_ref[...], seg_row_ref[...])
+    decay = _chunk_decay(g_ref[...], seg_col_ref[...], seg_row_ref[...])
     k = k_ref[...].astype(operand)
     beta_row = beta_row_ref[...]
     kk = dot(k, k, precision, contract=((1,), (1,)))
@@ -154,7 +154,7 @@ def _terms_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, se
     c = k_ref.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    _, _, decay = _chunk_decay(g_ref[...], seg_col_ref[...], seg_row_ref[...])
+    decay = _chunk_decay(g_ref[...], seg_col_ref[...], seg_row_ref[...])
     k = k_ref[...].astype(operand)
     q = q_ref[...]
     beta, beta_row, d_in_row = beta_ref[...], beta_row_ref[...], d_in_row_ref[...]
@@ -181,9 +181,9 @@ def _terms_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, se
     x_t_dx = dot(inverse, d_x, inverse_precision, contract=((0,), (0,)))  # X^T dX
     d_a = -_strict_lower(dot(x_t_dx, inverse, inverse_precision, contract=((1,), (1,))))  # ... X^T
     dbeta_ref[...] = jnp.sum(d_a * decay * kk, axis=1, keepdims=True)
-    d_kk = d_a * beta * decay
-    d_decay = d_a * beta * kk
-    d_kk = d_kk.astype(operand)
+    d_a_beta = d_a * beta
+    d_decay = d_a_beta * kk
+    d_kk = (d_a_beta * decay).astype(operand)
     dk = dk + dot(d_kk, k, precision) + dot(d_kk, k, precision, contract=((0,), (0,)))
 
     qk = dot(q.astype(operand), k, precision, contract=((1,), (1,)))
@@ -205,8 +205,7 @@ def _terms_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_col_ref, se
     # dg_m = sum_i [i >= m] sum_j [j < m] dE_ij E_ij: (dE E) times the 0/1 strictly-upper matrix
     # (float32-exact, as the exponent), then the column sums over i >= m.
     d_exponent = d_decay * decay
-    upper = jnp.where(row < col, 1.0, 0.0).astype(jnp.bfloat16)
-    before_m = sum(dot(part, upper, None) for part in _bf16_parts(d_exponent))
+    before_m = _exact_dot_01(d_exponent, jnp.where(row < col, 1.0, 0.0).astype(F32), ones_on_left=False)
     dg_row_ref[...] = jnp.sum(jnp.where(row >= col, before_m, 0.0), axis=0, keepdims=True)
 
 
@@ -279,10 +278,10 @@ def _terms_call(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype) -> Chu
     decays = token_decays(g_chunks, reset)
     groups = batch * heads
     column = lambda x: jnp.broadcast_to(x, (batch, heads, n, c)).reshape(groups, n, c, 1).astype(F32)
-    segment = column(decays.segment)
     row_of = lambda x: x.reshape(groups, n, 1, c)
-    per_token = [column(g_chunks), column(beta_chunks), segment, row_of(segment), column(decays.decay_in),
-                 column(decays.decay_out), row_of(column(beta_chunks)), row_of(column(decays.decay_in))]
+    segment, beta_col, d_in = column(decays.segment), column(beta_chunks), column(decays.decay_in)
+    per_token = [column(g_chunks), beta_col, segment, row_of(segment), d_in, column(decays.decay_out),
+                 row_of(beta_col), row_of(d_in)]
     w, u, k_out, q_in, attn = _terms_kernels(heads, c, scale, matmul_dtype)(q, k, v, *per_token)
     unflat = lambda x, d: x.reshape(batch, heads, n, c, x.shape[-1])[..., :d]
     return ChunkTerms(w=unflat(w, d_k), u=unflat(u, d_v), k_out=unflat(k_out, d_k), decay=decays.decay_chunk,
