@@ -62,12 +62,13 @@ def write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
-def run_worker_process(module: str, kind: str, worker_args: list[str]) -> dict:
+def run_worker_process(module: str, kind: str, worker_args: list[str], env: dict | None = None) -> dict:
     """Runs ``python -m module --worker kind --worker-out FILE *worker_args`` in a fresh process
     (its own memory peak, no leftovers; the device may use 95% of its memory unless
-    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise) and returns the JSON it wrote, with
-    ``process_s`` (the process's wall time) added. A failing worker raises."""
-    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")}
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise; ``env`` adds variables) and returns the JSON
+    it wrote, with ``process_s`` (the process's wall time) added. A failing worker raises."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95"),
+           **(env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"{kind}.json")
         start = time.perf_counter()

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 
-from infinitevl_jax.ops.attention import attention, masked_attention, visibility
+from infinitevl_jax.ops.attention import CONCAT_PARTS_MIN_QUERIES, attention, masked_attention, masked_impl, visibility
 from infinitevl_jax.models.sliding_attention import slot_token_index
 from tests.reference.attention import attention_ref
 
@@ -63,6 +63,16 @@ def test_blockwise_gradients_match_dense(qkv):
     block = jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(dense, block):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_impl_takes_cudnn_only_when_asked_for_a_chunk():
+    chunk, step = jnp.zeros((1, CONCAT_PARTS_MIN_QUERIES, 2, 8)), jnp.zeros((1, 1, 2, 8))
+    assert [masked_impl(impl, chunk) for impl in ("auto", "dense", "blockwise", "cudnn")] == ["xla"] * 3 + ["cudnn"]
+    assert masked_impl("cudnn", step) == "xla"
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        masked_impl("flash", chunk)
+    with pytest.raises(ValueError, match="must be 'xla' or 'cudnn'"):
+        masked_attention(chunk, chunk, chunk, jnp.ones((1, 16, 16), bool), impl="dense")
 
 
 def test_masked_attention_with_ring_indices():

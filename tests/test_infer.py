@@ -327,6 +327,7 @@ def test_session_answer_equals_a_fresh_prefill_of_the_same_content(vlm):
 
     session.push_frame(frame(9), 3.0)  # the stream goes on after asking: 4 more frame tokens
     assert session.tokens_seen + answer.prompt_tokens == ids.shape[1] + 4
+    assert all(leaf.is_deleted() for leaf in before)  # pushes donate the stream's cache: no second copy
 
 
 def test_session_rejects_frames_out_of_order(vlm):

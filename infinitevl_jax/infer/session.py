@@ -19,6 +19,8 @@ for evenly spaced frames -- and text resumes at (largest position so far) + 1.
 ``ask`` prefills the question on the current cache and decodes; caches are immutable arrays, so
 the stream's own cache and positions are untouched and the stream goes on as if nothing was
 asked. The stream index (the sliding-window ring buffer's counter) advances on every push.
+Pushes donate the stream's cache (it is updated in place, not copied): an earlier
+``session.cache`` is invalid after the next push.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class StreamingSession:
         length = position_ids.shape[-1]
         self._check_room(self.tokens_seen, length)
         _, self.cache = self.engine.prefill(self.cache, position_ids, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                            vision_mask=vision_mask)
+                                            vision_mask=vision_mask, donate=True)  # updated in place, not copied
         self.tokens_seen += length
 
     def _text_positions(self, count: int) -> np.ndarray:

@@ -24,12 +24,13 @@ from flax import nnx
 
 from infinitevl_jax.models.config import DecoderConfig
 from infinitevl_jax.models.layers import Dense
-from infinitevl_jax.ops.attention import attention, chunk_attention, masked_attention, visibility
+from infinitevl_jax.ops.attention import attention, chunk_attention, masked_attention, masked_impl, visibility
 from infinitevl_jax.ops.rope import apply_rope
 
 
 # Query x key entries up to which a cached call attends through one dense mask: decode steps, and
-# a 448 px frame's 256 tokens over an 8K window (at most 256 MiB of float32 logits over 16 heads).
+# a 448 px frame's 256 tokens over an 8K window (cuDNN on GPU; in XLA at most 256 MiB of float32
+# logits over 16 heads).
 DENSE_CACHED_MAX_ELEMENTS = 1 << 22
 
 
@@ -128,7 +129,8 @@ class SelfAttention(nnx.Module):
             # Slots as they lie (no reordering of the ring): explicit token indices.
             k_index = jnp.concatenate([slot_token_index(index, capacity), index + jnp.arange(seq_len)])
             mask = visibility(index + jnp.arange(seq_len), k_index, self.window, k_index[None] >= start[:, None])
-            o = masked_attention(q, (cache.k, k.astype(cache.k.dtype)), (cache.v, v.astype(cache.v.dtype)), mask)
+            o = masked_attention(q, (cache.k, k.astype(cache.k.dtype)), (cache.v, v.astype(cache.v.dtype)), mask,
+                                 impl=masked_impl(impl, q))
         else:
             # Stream order: position p < capacity holds token index - capacity + p, in slot (index + p) % capacity;
             # token start[b] sits at position start - index + capacity (start >= 0: empty slots are masked too).

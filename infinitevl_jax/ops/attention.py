@@ -15,7 +15,7 @@ Impls of ``attention`` (self-attention over one sequence, no cache):
 - ``"auto"``: cuDNN where it applies, dense up to ``DENSE_MAX_LEN`` tokens, blockwise beyond.
 
 ``masked_attention`` is the short cache path (a decode step, a short chunk): explicit query/key
-token indices and key validity. ``chunk_attention`` is the long one (a prefill chunk after a
+token indices and key validity (XLA; cuDNN with the mask as a bias when asked for, ``masked_impl``). ``chunk_attention`` is the long one (a prefill chunk after a
 cache): keys in stream order with a per-row first visible key; it runs flash attention
 (``attention``) where the chunk allows, else an online softmax over the visible key blocks.
 """
@@ -59,24 +59,47 @@ def _check(q, k, v, window, segment_ids):
         raise ValueError(f"segment_ids must be [batch, time] = {q.shape[:2]}; got {segment_ids.shape}")
 
 
-def masked_attention(q, k, v, mask):
+def masked_impl(impl, q):
+    """The ``masked_attention`` impl for attention impl ``impl`` and q ``[B, T, Hq, D]``:
+    ``"cudnn"`` only when asked for (``impl="cudnn"``) and there are at least
+    ``CONCAT_PARTS_MIN_QUERIES`` queries (a chunk, e.g. a streamed frame), else ``"xla"``.
+
+    ``"auto"`` keeps XLA: on an H200 the cuDNN form of a frame's window attention was 2.8x faster
+    alone but a streamed 448x448 frame took 0.5-0.9 ms longer with it (18.1-18.2 vs 17.3-17.6 ms,
+    benchmarks/RESULTS.md), where XLA fuses the mask's construction into the softmax."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    return "cudnn" if impl == "cudnn" and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES else "xla"
+
+
+def masked_attention(q, k, v, mask, impl="xla"):
     """Softmax attention under an explicit boolean mask.
 
     Args:
       q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``, or tuples of parts ``[B, S_i, Hkv, D]`` that
         form the S keys in order (e.g. a cache and the new tokens); mask: ``[B, T, S]`` (or
         broadcastable).
+      impl: ``"xla"``: logits, masked softmax and the weighted sum in XLA; ``"cudnn"`` (GPU, bf16
+        or fp16): cuDNN flash attention with the mask as an additive bias (one kernel; the XLA
+        form of a streamed frame, 256 queries over an 8K window, writes and re-reads 138 MB of
+        float32 logits per layer).
     Returns ``[B, T, Hq, D]`` in q's dtype. Rows with no visible key return zeros.
 
-    Below ``CONCAT_PARTS_MIN_QUERIES`` queries (a decode step) each part is read where it lies
-    and their logits are joined; from there on the parts are joined first, since joining the
-    logits instead copies ``Hq * T * S`` floats (a streamed frame: 256 queries over an 8K
-    window, 138 MB per layer) where joining keys and values copies ``2 * S * Hkv * D``.
+    Below ``CONCAT_PARTS_MIN_QUERIES`` queries (a decode step) the XLA form reads each part
+    where it lies and joins their logits; from there on the parts are joined first, since joining
+    the logits instead copies ``Hq * T * S`` floats where joining keys and values copies
+    ``2 * S * Hkv * D``.
     """
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"masked_attention impl must be 'xla' or 'cudnn'; got {impl!r}")
     k_parts, v_parts = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (k, v))
-    if len(k_parts) > 1 and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES:
+    if len(k_parts) > 1 and (impl == "cudnn" or q.shape[1] >= CONCAT_PARTS_MIN_QUERIES):
         k_parts = (jnp.concatenate([part.astype(k_parts[0].dtype) for part in k_parts], axis=1),)
         v_parts = (jnp.concatenate([part.astype(v_parts[0].dtype) for part in v_parts], axis=1),)
+    if impl == "cudnn":
+        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k_parts[0].shape[1]))
+        out = jax.nn.dot_product_attention(q, k_parts[0], v_parts[0], mask=mask[:, None], implementation="cudnn")
+        return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
     batch, t, hq, d = q.shape
     hkv = k_parts[0].shape[2]
     qg = q.reshape(batch, t, hkv, hq // hkv, d)

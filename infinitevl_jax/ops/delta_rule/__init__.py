@@ -13,7 +13,7 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   (inference, prefill) and the outputs in Triton kernels (``pallas_gpu_terms``, ``pallas_gpu``);
   differentiated, its terms are XLA's (``chunked.prepare_chunks``) and so is their VJP
   (``pallas_gpu_terms.TERMS_BACKWARD = "kernel"`` swaps in a Triton backward for the terms,
-  tested but not yet timed).
+  tested, and 1.06x slower than XLA's VJP on an H200).
   ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run on CPU in
   their interpreters (tests);
 - ``"pallas_triton_xla_terms"``: ``pallas_triton`` with XLA's terms in forward-only calls too

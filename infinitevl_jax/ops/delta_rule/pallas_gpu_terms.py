@@ -33,8 +33,10 @@ forward-only calls (inference and prefill); that is the path timed on a GPU. Wit
 ``_terms_backward_kernel`` (one program per group and chunk again) recomputes the chunk's
 decay, kk^T and inverse and forms dq, dk, dv and the per-token cotangents of g, beta and the
 decay factors in one pass; JAX differentiates the small XLA parts around it. It is tested in
-interpret mode against XLA's VJP and the float64 reference, lowers for CUDA, and has not been
-timed on a GPU yet (``benchmarks/delta_rule_gpu_tuning.py --sections terms_backward``).
+interpret mode against XLA's VJP and the float64 reference, lowers for CUDA, and on an H200 it
+was slower than XLA's VJP: forward+backward 18.41 vs 17.43 ms at B1 T65536 H16, 9.23 vs 9.13 ms
+at B8 T4096 (``benchmarks/delta_rule_gpu_tuning.py --sections terms_backward``,
+benchmarks/RESULTS.md), so XLA stays the default.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ from infinitevl_jax.ops.delta_rule.pallas_gpu import backend_params, next_power_
 from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot, pad_trailing
 
 MAX_BLOCK_V_TERMS = 128  # U is formed in V-blocks of this width (bounds the registers it takes)
-# The VJP of differentiated calls: "xla" (prepare_chunks' own, the default: the one timed on a
-# GPU) or "kernel" (``_terms_backward_kernel``: tested in interpret mode, not yet timed). Read
-# when a call is traced.
+# The VJP of differentiated calls: "xla" (prepare_chunks' own, the default: the faster on an
+# H200) or "kernel" (``_terms_backward_kernel``: 1.06x slower at B1 T65536). Read when a call is
+# traced.
 TERMS_BACKWARD = "xla"
 
 
