@@ -102,6 +102,27 @@ def run_if_worker(args, worker) -> bool:
     return True
 
 
+def add_out_argument(parser, name: str) -> None:
+    """``--out FILE``: the JSON output (default ``benchmarks/results/{name}.json``; ``--smoke``: a temporary file)."""
+    parser.add_argument("--out", default=None, help=f"JSON output (default benchmarks/results/{name}.json; "
+                                                    "--smoke: a temporary file)")
+
+
+def out_path(args, name: str) -> str:
+    """Where ``add_out_argument``'s JSON goes for these parsed ``args`` (they have ``out`` and ``smoke``)."""
+    if args.out:
+        return args.out
+    return os.path.join(tempfile.gettempdir(), f"{name}_smoke.json") if args.smoke else f"benchmarks/results/{name}.json"
+
+
+def announce_device(smoke: bool) -> str:
+    """``require_gpu(smoke)``, then prints and returns ``device_description()``."""
+    require_gpu(smoke)
+    device = device_description()
+    print(f"device: {device}")
+    return device
+
+
 def require_gpu(smoke: bool) -> None:
     """Exits with a clear message unless on a GPU (or in ``--smoke`` mode)."""
     if not smoke and jax.default_backend() != "gpu":

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import numpy as np
 
+from benchmarks.common import add_out_argument
 from benchmarks.inference_gpu import MODELS, SMOKE_MODELS, build_model
 from benchmarks.kernel_profile import profile
 
@@ -128,18 +128,15 @@ def main(argv=None):
     parser.add_argument("--frame-size", type=int, default=448)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--hlo-dir", default=None, help="write the compiled decode steps' HLO text here")
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/decode_profile_gpu.json; "
-                                                    "--smoke: a temporary file)")
+    add_out_argument(parser, "decode_profile_gpu")
     parser.add_argument("--smoke", action="store_true", help="tiny presets and sizes; runs on the CPU")
     args = parser.parse_args(argv)
     if args.smoke:
         args.context, args.chunk, args.steps, args.frames, args.frame_size = 64, 64, 2, 1, 112
 
-    from benchmarks.common import device_description, print_table, require_gpu, write_json
+    from benchmarks.common import announce_device, out_path, print_table, write_json
 
-    require_gpu(args.smoke)
-    device = device_description()
-    print(f"device: {device}")
+    device = announce_device(args.smoke)
     rows = []
     for kind in args.models:
         rows += profile_model(kind, args, args.hlo_dir)
@@ -151,8 +148,7 @@ def main(argv=None):
     for r in rows:
         print(f"\n{r['model']} {r['workload']}: top kernels")
         print_table(r["top"], ["kernel", "us_per_call", "launches_per_call"])
-    out = args.out or (os.path.join(tempfile.gettempdir(), "decode_profile_gpu_smoke.json") if args.smoke
-                       else "benchmarks/results/decode_profile_gpu.json")
+    out = out_path(args, "decode_profile_gpu")
     write_json(out, dict(benchmark="decode_profile_gpu", device=device, smoke=args.smoke,
                          settings=dict(context=args.context, chunk=args.chunk, steps=args.steps, frames=args.frames,
                                        frame_size=args.frame_size, dtype="bfloat16 params and compute"),

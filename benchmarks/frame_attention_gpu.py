@@ -15,14 +15,12 @@ model the XLA form wins end to end, ``masked_impl``: see ``benchmarks.streaming_
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_description, median_ms, print_table, require_gpu, write_json
+from benchmarks.common import add_out_argument, announce_device, median_ms, out_path, print_table, write_json
 from infinitevl_jax.models.sliding_attention import slot_token_index
 from infinitevl_jax.ops.attention import masked_attention, visibility
 
@@ -47,13 +45,10 @@ def frame_inputs(tokens, window, q_heads, kv_heads, head_dim, index):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/frame_attention_gpu.json; "
-                                                    "--smoke: a temporary file)")
+    add_out_argument(parser, "frame_attention_gpu")
     parser.add_argument("--smoke", action="store_true", help="small shapes, the XLA impl only; runs on the CPU")
     args = parser.parse_args(argv)
-    require_gpu(args.smoke)
-    device = device_description()
-    print(f"device: {device}")
+    device = announce_device(args.smoke)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     q, k, v, mask = frame_inputs(**shapes)
     impls = ["xla"] if args.smoke else ["xla", "cudnn"]
@@ -68,8 +63,7 @@ def main(argv=None):
         row["max_rel_err_vs_xla"] = float(np.abs(outputs[row["impl"]][0] - reference).max() / np.abs(reference).max())
         row["speedup_vs_xla"] = rows[0]["ms"] / row["ms"]
     print_table(rows, list(rows[0]))
-    out = args.out or (os.path.join(tempfile.gettempdir(), "frame_attention_gpu_smoke.json") if args.smoke
-                       else "benchmarks/results/frame_attention_gpu.json")
+    out = out_path(args, "frame_attention_gpu")
     write_json(out, dict(benchmark="frame_attention_gpu", device=device, smoke=args.smoke, shapes=shapes, rows=rows))
 
 

@@ -37,13 +37,11 @@ prefill + decode at 64K at least 3.6x faster than the teacher; streaming at leas
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import device_memory_bytes, model_worker_args, rows_until_oom, run_if_worker
+from benchmarks.common import add_out_argument, device_memory_bytes, model_worker_args, rows_until_oom, run_if_worker
 
 SMOKE = dict(contexts=[64, 256], chunk=64, decode_tokens=4, frames=4, frame_size=112)
 MODELS = {"hybrid": "infinitevl_4b", "teacher": "qwen2_5_vl_3b"}
@@ -220,8 +218,7 @@ def summarise(results: dict, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/inference_gpu.json; "
-                                                    "--smoke: a temporary file)")
+    add_out_argument(parser, "inference_gpu")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
     parser.add_argument("--chunk", type=int, default=8192, help="hybrid prefill chunk (tokens; contexts must be "
                                                                  "multiples of it or smaller)")
@@ -233,11 +230,9 @@ def main(argv=None):
     if run_if_worker(args, worker):
         return
 
-    from benchmarks.common import device_description, print_table, require_gpu, run_worker_process, write_json
+    from benchmarks.common import announce_device, out_path, print_table, run_worker_process, write_json
 
-    require_gpu(args.smoke)
-    device = device_description()
-    print(f"device: {device}")
+    device = announce_device(args.smoke)
     results = {}
     for kind in MODELS:  # a fresh process per model: its own memory peak, no leftovers
         results[kind] = run_worker_process("benchmarks.inference_gpu", kind, [
@@ -259,8 +254,7 @@ def main(argv=None):
     print()
     for name, verdict in summary["verdicts"].items():
         print(f"target {name}: {'MET' if verdict['met'] else 'MISSED'} {verdict}")
-    out = args.out or (os.path.join(tempfile.gettempdir(), "inference_gpu_smoke.json") if args.smoke
-                       else "benchmarks/results/inference_gpu.json")
+    out = out_path(args, "inference_gpu")
     write_json(out, dict(benchmark="inference_gpu", device=device, smoke=args.smoke, targets=TARGETS,
                          settings=dict(contexts=args.contexts, hybrid_chunk=args.chunk, teacher_chunk="whole prompt",
                                        decode_tokens=args.decode_tokens, dtype="bfloat16 params and compute",

@@ -36,14 +36,12 @@ vision mask (attention layers ignore the mask). Per model and context L:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import device_memory_bytes, model_worker_args, rows_until_oom, run_if_worker
+from benchmarks.common import add_out_argument, device_memory_bytes, model_worker_args, rows_until_oom, run_if_worker
 from benchmarks.inference_gpu import build_model
 from infinitevl_jax.models.config import mmate_layer_types
 
@@ -153,8 +151,7 @@ def summarise(results: dict, contexts: list[int]) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/linmu_prefill_gpu.json; "
-                                                    "--smoke: a temporary file)")
+    add_out_argument(parser, "linmu_prefill_gpu")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--grid", type=int, nargs=2, default=[16, 16], metavar=("ROWS", "COLS"),
                         help="merged tokens per video frame")
@@ -165,13 +162,11 @@ def main(argv=None):
     if run_if_worker(args, worker):
         return
 
-    from benchmarks.common import device_description, print_table, require_gpu, run_worker_process, write_json
+    from benchmarks.common import announce_device, out_path, print_table, run_worker_process, write_json
 
-    require_gpu(args.smoke)
     for context in args.contexts:
         video_prompt(context, tuple(args.grid), 1)  # fails early on a context too short for the prompt
-    device = device_description()
-    print(f"device: {device}")
+    device = announce_device(args.smoke)
     results = {}
     for kind in MODELS:  # a fresh process per model: its own memory peak, no leftovers
         results[kind] = run_worker_process("benchmarks.linmu_prefill_gpu", kind, [
@@ -188,8 +183,7 @@ def main(argv=None):
     claim = summary["claim"]
     print()
     print(f"claim (up to {CLAIM_SPEEDUP}x lower TTFT): {'MET' if claim['met'] else 'MISSED'} {claim}")
-    out = args.out or (os.path.join(tempfile.gettempdir(), "linmu_prefill_gpu_smoke.json") if args.smoke
-                       else "benchmarks/results/linmu_prefill_gpu.json")
+    out = out_path(args, "linmu_prefill_gpu")
     write_json(out, dict(benchmark="linmu_prefill_gpu", device=device, smoke=args.smoke,
                          args=dict(contexts=args.contexts, grid=args.grid, iters=args.iters, smoke=args.smoke),
                          settings=dict(prompt=f"{TEXT_BEFORE} text + (L - {TEXT_BEFORE + TEXT_AFTER}) video "

@@ -18,9 +18,8 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 
-from benchmarks.common import model_worker_args, run_if_worker, run_worker_process
+from benchmarks.common import add_out_argument, model_worker_args, run_if_worker, run_worker_process
 
 # name -> XLA_FLAGS added to the process's own (see xla/debug_options_flags.cc for each flag) and
 # ``--config.`` overrides of the model preset.
@@ -71,18 +70,15 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--frames", type=int, default=32, help="timed frames per setting (after 3 warm-up frames)")
     parser.add_argument("--frame-size", type=int, default=448)
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/streaming_gpu.json; "
-                                                    "--smoke: a temporary file)")
+    add_out_argument(parser, "streaming_gpu")
     parser.add_argument("--smoke", action="store_true", help="tiny preset and frames; runs on the CPU")
     args = model_worker_args(parser, argv, SETTINGS, SMOKE)
     if run_if_worker(args, worker):
         return
 
-    from benchmarks.common import device_description, print_table, require_gpu, write_json
+    from benchmarks.common import announce_device, out_path, print_table, write_json
 
-    require_gpu(args.smoke)
-    device = device_description()
-    print(f"device: {device}")
+    device = announce_device(args.smoke)
     rows = []
     for name in args.settings:
         print(f"setting {name} ...", file=sys.stderr, flush=True)
@@ -93,8 +89,7 @@ def main(argv=None):
         if "fps_latency" in r:
             print(f"target streaming {r['setting']}: {'MET' if r['fps_latency'] >= TARGET_FPS else 'MISSED'} "
                   f"({r['fps_latency']:.1f} FPS per frame, target {TARGET_FPS:.0f})")
-    out = args.out or (os.path.join(tempfile.gettempdir(), "streaming_gpu_smoke.json") if args.smoke
-                       else "benchmarks/results/streaming_gpu.json")
+    out = out_path(args, "streaming_gpu")
     write_json(out, dict(benchmark="streaming_gpu", device=device, smoke=args.smoke,
                          settings=dict(frames=args.frames, frame_size=args.frame_size), rows=rows))
 
