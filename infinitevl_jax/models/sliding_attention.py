@@ -29,8 +29,8 @@ from infinitevl_jax.ops.rope import apply_rope
 
 
 # Query x key entries up to which a cached call attends through one dense mask: decode steps, and
-# a 448 px frame's 256 tokens over an 8K window (cuDNN on GPU; in XLA at most 256 MiB of float32
-# logits over 16 heads).
+# a 448 px frame's 256 tokens over an 8K window (at most 256 MiB of float32 logits over 16 heads
+# in XLA; ``attention_impl="cudnn"``: one cuDNN kernel, see ``masked_impl``).
 DENSE_CACHED_MAX_ELEMENTS = 1 << 22
 
 

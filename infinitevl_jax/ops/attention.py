@@ -15,8 +15,9 @@ Impls of ``attention`` (self-attention over one sequence, no cache):
 - ``"auto"``: cuDNN where it applies, dense up to ``DENSE_MAX_LEN`` tokens, blockwise beyond.
 
 ``masked_attention`` is the short cache path (a decode step, a short chunk): explicit query/key
-token indices and key validity (XLA; cuDNN with the mask as a bias when asked for, ``masked_impl``). ``chunk_attention`` is the long one (a prefill chunk after a
-cache): keys in stream order with a per-row first visible key; it runs flash attention
+token indices and key validity (XLA; cuDNN with the mask as a bias when asked for, see
+``masked_impl``). ``chunk_attention`` is the long one (a prefill chunk after a cache): keys in
+stream order with a per-row first visible key; it runs flash attention
 (``attention``) where the chunk allows, else an online softmax over the visible key blocks.
 """
 
@@ -66,7 +67,7 @@ def masked_impl(impl, q):
 
     ``"auto"`` keeps XLA: on an H200 the cuDNN form of a frame's window attention was 2.8x faster
     alone but a streamed 448x448 frame took 0.5-0.9 ms longer with it (18.1-18.2 vs 17.3-17.6 ms,
-    benchmarks/RESULTS.md), where XLA fuses the mask's construction into the softmax."""
+    benchmarks/RESULTS.md; why was not profiled)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     return "cudnn" if impl == "cudnn" and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES else "xla"
