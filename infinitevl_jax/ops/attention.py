@@ -68,8 +68,7 @@ def masked_impl(impl, q):
     ``"auto"`` keeps XLA: on an H200 the cuDNN form of a frame's window attention was 2.8x faster
     alone but a streamed 448x448 frame took 0.5-0.9 ms longer with it (18.1-18.2 vs 17.3-17.6 ms,
     benchmarks/RESULTS.md; why was not profiled)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    _check_impl(impl)
     return "cudnn" if impl == "cudnn" and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES else "xla"
 
 
@@ -208,9 +207,13 @@ def from_query_blocks(out, t):
     return out[:, :t]
 
 
-def _resolve(impl, q, window, segment_ids):
+def _check_impl(impl):
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+
+
+def _resolve(impl, q, window, segment_ids):
+    _check_impl(impl)
     if impl != "auto":
         return impl
     on_gpu = jax.default_backend() == "gpu"
