@@ -184,3 +184,27 @@ def test_wrong_inputs_raise(hybrid, ids):
         model(inputs_embeds=jnp.zeros((2, T, 65)))
     with pytest.raises(ValueError, match="segment_ids"):
         model(ids, segment_ids=jnp.zeros((2, T), jnp.int32), cache=model.init_cache(2))
+
+
+@pytest.mark.parametrize("rows", [4, 80])
+def test_swiglu_operand_barrier_changes_no_value_or_gradient(rows, monkeypatch):
+    """``layers.gemm_operands``: with at least SEPARATE_GEMM_MIN_ROWS rows the MLP's gate and up
+    read x through an optimization barrier (fewer rows, or the switch off: none); the values equal
+    a float64 NumPy SwiGLU and the input gradient equals the one without the barrier."""
+    from infinitevl_jax.models import layers
+
+    mlp = layers.SwiGLU(16, 40, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, rows // 2, 16), jnp.float32)
+    weights = [np.asarray(p.kernel[...], np.float64) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    gate, up = np.asarray(x, np.float64) @ weights[0], np.asarray(x, np.float64) @ weights[1]
+    expected = (gate / (1 + np.exp(-gate)) * up) @ weights[2]
+    np.testing.assert_allclose(np.asarray(mlp(x)), expected, rtol=1e-5, atol=1e-5)
+
+    loss = lambda x: jnp.sum(jnp.sin(mlp(x)))
+    barriers = str(jax.make_jaxpr(loss)(x)).count("optimization_barrier")
+    assert barriers == (1 if rows >= layers.SEPARATE_GEMM_MIN_ROWS else 0)
+    grad = jax.grad(loss)(x)
+    monkeypatch.setattr(layers, "SEPARATE_GEMM_OPERANDS", False)
+    merged_loss = lambda x: jnp.sum(jnp.sin(mlp(x)))  # a new function: jax caches traces per function
+    assert "optimization_barrier" not in str(jax.make_jaxpr(merged_loss)(x))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(merged_loss)(x)), rtol=1e-6, atol=1e-6)

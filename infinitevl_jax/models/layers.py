@@ -32,6 +32,30 @@ def matmul_min_rows(x, kernel):
     return jnp.dot(flat, kernel)[:rows].reshape(*x.shape[:-1], kernel.shape[-1])
 
 
+# Projections that read the same activations of many rows take them through one optimization
+# barrier (``gemm_operands``). Without it XLA's GPU compiler joins them (its dot merger) into one
+# Triton GEMM that concatenates the weights and absorbs the RMSNorm's scale. On an H200
+# (benchmarks/RESULTS.md, the frame profile) the decoder MLP's gate and up projections for a
+# streamed frame's 256 rows ran so at 62.8 us per layer (the weights read at ~1.4 TB/s), and as
+# two GEMMs behind the barrier at 2 x 22.3 us. Not everywhere: a decode step's 8 rows ran faster
+# merged, and so did the GDN's q/k/v/gate projections and the ViT's MLP (1,024 rows, biases). Read
+# when a model is traced (benchmarks/streaming_gpu.py sets it per process).
+SEPARATE_GEMM_OPERANDS = True
+SEPARATE_GEMM_MIN_ROWS = 64  # fewer rows (decode steps): the shared operand stays as it is
+
+
+def gemm_operands(x, count: int) -> tuple:
+    """``count`` copies of ``x`` ``[..., in]`` for ``count`` projections. With
+    ``SEPARATE_GEMM_OPERANDS`` and at least ``SEPARATE_GEMM_MIN_ROWS`` rows each is its own
+    operand behind one ``optimization_barrier`` (same values; XLA can neither merge the GEMMs nor
+    fuse x's producer into them)."""
+    copies = (x,) * count
+    rows = int(np.prod(x.shape[:-1]))
+    if SEPARATE_GEMM_OPERANDS and rows >= SEPARATE_GEMM_MIN_ROWS:
+        return jax.lax.optimization_barrier(copies)
+    return copies
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel ``[in, out]`` (PyTorch Linear weight transposed)."""
 
@@ -91,16 +115,19 @@ class GatedRMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """``down(SiLU(gate(x)) * up(x))``; biases on all three maps when ``use_bias`` (the ViT's MLP)."""
+    """``down(SiLU(gate(x)) * up(x))``; biases on all three maps when ``use_bias`` (the ViT's MLP).
+    ``separate_operands``: gate and up read x through ``gemm_operands`` (the decoder's MLP)."""
 
-    def __init__(self, hidden, intermediate, *, use_bias=False, dtype, param_dtype, rngs):
+    def __init__(self, hidden, intermediate, *, use_bias=False, separate_operands=True, dtype, param_dtype, rngs):
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(intermediate, hidden, axes=("mlp", "embed"), **kw)
+        self.separate_operands = separate_operands
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        x_gate, x_up = gemm_operands(x, 2) if self.separate_operands else (x, x)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_gate)) * self.up_proj(x_up))
 
 
 def parameter_count(module: nnx.Module | None) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from infinitevl_jax.models.config import VisionConfig
-from infinitevl_jax.models.layers import Dense, RMSNorm, SwiGLU
+from infinitevl_jax.models.layers import Dense, RMSNorm, SwiGLU, gemm_operands
 from infinitevl_jax.models.stacking import run_blocks, stacked, with_unstacked_blocks
 from infinitevl_jax.ops.rope import apply_rope, rope_inv_freq
 
@@ -188,6 +188,7 @@ class VisionAttention(nnx.Module):
     def __call__(self, x, cos, sin, groups: AttentionGroups):
         """x ``[N, hidden]``; cos, sin float32 ``[1, N, head_dim]``."""
         n = x.shape[0]
+        (x,) = gemm_operands(x, 1)  # keeps the norm's scale out of the GEMM (layers.SEPARATE_GEMM_OPERANDS)
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim), 1, 0)
         q, k = (apply_rope(a[None].astype(jnp.float32), cos, sin)[0].astype(x.dtype) for a in (q, k))
         return self.proj(grouped_attention(q, k, v, groups).reshape(n, -1))
@@ -202,7 +203,8 @@ class VisionBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.attn = VisionAttention(cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, rngs=rngs, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, separate_operands=False, rngs=rngs,
+                          **kw)
 
     def __call__(self, x, cos, sin, layout: VisionLayout):
         x = x + self.attn(self.norm1(x), cos, sin, layout.full if self.full_attention else layout.window)
