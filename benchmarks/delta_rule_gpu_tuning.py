@@ -7,7 +7,8 @@
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
    comparison) and the outputs (XLA, and the Pallas outputs kernel of ``pallas``); the walk
    forward+backward; then the top device kernels of the whole forward and forward+backward
-   (``jax.profiler``).
+   (``jax.profiler``), and of the forward with the walk and the outputs in one kernel
+   (``pallas_triton_fused``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
 3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
@@ -83,11 +84,12 @@ def stages():
 
 
 def kernel_profiles():
-    """Top device kernels of the whole Pallas forward and forward+backward, B1 T65536, with the
-    JAX operation each XLA fusion came from."""
+    """Top device kernels of the whole Pallas forward and forward+backward and of the fused
+    forward, B1 T65536, with the JAX operation each XLA fusion came from."""
     args = jax_args(make_inputs(1, 65536))
     profiles = []
-    for name, fn in (("forward", forward("pallas")), ("forward+backward", forward_backward("pallas"))):
+    for name, fn in (("forward", forward("pallas")), ("forward+backward", forward_backward("pallas")),
+                     ("forward, walk and outputs fused", forward("pallas_triton_fused"))):
         compiled = fn.lower(*args).compile()  # one compile: profiled, and its HLO names the kernels
         run = lambda: jax.block_until_ready(compiled(*args))
         profiles.append(profile(name, run, PROFILE_CALLS, hlo_text=compiled.as_text()))

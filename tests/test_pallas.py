@@ -15,8 +15,9 @@ from tests.reference.delta_rule import gated_delta_rule_ref
 B, T, H, K = 2, 130, 2, 24
 # Triton: d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32. Mosaic TPU: d_k 24 whole;
 # d_v 256 = 2 V-blocks of 128. Both walk several V-blocks, each writing its slice of V', dV and dS.
-# pallas_triton forms forward-only chunk terms in its kernel too; pallas_triton_xla_terms in XLA.
-KERNELS = {"pallas_triton": 80, "pallas_triton_xla_terms": 80, "pallas_mosaic_tpu": 256}
+# pallas_triton forms forward-only chunk terms in its kernel too; pallas_triton_xla_terms in XLA;
+# pallas_triton_fused forms the outputs of forward-only calls inside the walk.
+KERNELS = {"pallas_triton": 80, "pallas_triton_xla_terms": 80, "pallas_triton_fused": 80, "pallas_mosaic_tpu": 256}
 
 
 @pytest.fixture(params=sorted(KERNELS))
@@ -50,6 +51,21 @@ def test_several_v_blocks_match_reference(kernel):
     ref_o, ref_state = gated_delta_rule_ref(q, k, v, g, beta, initial_state=s0, segment_ids=ids)
     np.testing.assert_allclose(o, ref_o, atol=1e-4 * np.abs(ref_o).max(), rtol=0)
     np.testing.assert_allclose(state, ref_state, atol=1e-4 * np.abs(ref_state).max(), rtol=0)
+
+
+def test_fused_walk_outputs_equal_the_two_kernels():
+    """bf16 inputs: the fused walk-and-outputs kernel rounds S and V' to bf16 where the outputs
+    kernel reads them, so o and the final state equal ``pallas_triton``'s to float32 summation
+    order (o within one bf16 rounding)."""
+    (q, k, v, g, beta, s0), ids = _inputs(seed=6)
+    q, k, v, beta = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, beta))
+    run = lambda impl: jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=a[6], impl=impl))(
+        q, k, v, g, beta, s0, ids)
+    (o, state), (fused_o, fused_state) = run("pallas_triton"), run("pallas_triton_fused")
+    assert fused_o.dtype == o.dtype == jnp.bfloat16 and fused_o.shape == o.shape
+    o, fused_o = np.asarray(o, np.float32), np.asarray(fused_o, np.float32)
+    np.testing.assert_allclose(fused_o, o, rtol=0, atol=2.0 ** -8 * np.abs(o).max())
+    np.testing.assert_allclose(fused_state, state, rtol=0, atol=1e-6 * np.abs(np.asarray(state)).max())
 
 
 # Each input's directional derivative against central differences of the float64 reference,
@@ -169,7 +185,9 @@ TRITON_LOWERINGS = [
     ("pallas_triton", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
     ("pallas_triton", True, "kernel", ("gdn_chunk_terms", "gdn_chunk_terms_bwd", "gdn_state_walk_fwd",
                                        "gdn_state_walk_bwd", "gdn_chunk_outputs")),
-    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs"))]
+    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs")),
+    ("pallas_triton_fused", False, "xla", ("gdn_chunk_terms", "gdn_walk_outputs_fwd")),
+    ("pallas_triton_fused", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs"))]
 
 
 @pytest.mark.parametrize("impl,with_backward,terms_backward,kernels", TRITON_LOWERINGS)

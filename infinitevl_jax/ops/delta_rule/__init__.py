@@ -18,6 +18,10 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   their interpreters (tests);
 - ``"pallas_triton_xla_terms"``: ``pallas_triton`` with XLA's terms in forward-only calls too
   (for comparison in benchmarks/delta_rule_gpu.py);
+- ``"pallas_triton_fused"``: ``pallas_triton`` with the walk and the outputs of forward-only
+  calls in one kernel (``pallas_gpu.gpu_walk_outputs``: the entry states and V' stay on-chip);
+  differentiated it is ``pallas_triton``. Tested in interpret mode and lowered for CUDA; not yet
+  timed on a GPU, so ``"pallas"`` does not pick it;
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
   ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
   the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
-from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_chunk_outputs, gpu_walk_states
+from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_chunk_outputs, gpu_walk_outputs, gpu_walk_states
 from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
@@ -50,6 +54,8 @@ IMPLS = {
                                        outputs=gpu_chunk_outputs),
     "pallas_triton_xla_terms": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states,
                                                  outputs=gpu_chunk_outputs),
+    "pallas_triton_fused": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
+                                             walk_outputs=gpu_walk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 

@@ -163,7 +163,8 @@ def chunk_outputs(terms: ChunkTerms, entry_states, v_new, seq_len, matmul_dtype=
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matmul_dtype=jnp.float32,
-                             chunk_size=CHUNK_SIZE, prepare=prepare_chunks, walk=walk_states, outputs=chunk_outputs):
+                             chunk_size=CHUNK_SIZE, prepare=prepare_chunks, walk=walk_states, outputs=chunk_outputs,
+                             walk_outputs=None):
     """Chunk-parallel gated delta rule; same contract as ``recurrent_gated_delta_rule``.
 
     Args:
@@ -181,11 +182,15 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, reset, matm
         ``walk_states`` (``lax.scan``) or the Pallas kernels (``pallas_gpu.gpu_walk_states``).
       outputs: ``(terms, entry states, V', T, matmul_dtype) -> o [B, T, H, V]``;
         ``chunk_outputs`` (XLA) or a Pallas kernel (``pallas_gpu.gpu_chunk_outputs``).
+      walk_outputs: optional ``(terms, initial_state, T) -> (o, final state)`` replacing ``walk``
+        and ``outputs`` (``pallas_gpu.gpu_walk_outputs``: one kernel).
 
     Returns:
       o ``[B, T, H, V]`` (float32 from XLA, the terms' dtype from a kernel) and the final state
       ``[B, H, K, V]`` float32.
     """
     terms = prepare(q, k, v, g, beta, scale, reset, chunk_size, matmul_dtype)
+    if walk_outputs is not None:
+        return walk_outputs(terms, initial_state, q.shape[1])
     entry_states, v_new, final_state = walk(terms, initial_state)
     return outputs(terms, entry_states, v_new, q.shape[1], matmul_dtype), final_state

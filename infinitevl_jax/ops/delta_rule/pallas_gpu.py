@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
 from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step, dot,
-                                                     forward_out_shapes, forward_step, make_walk, pad_trailing,
-                                                     walk_states_with)
+                                                     flat_walk_inputs, forward_out_shapes, forward_step, make_walk,
+                                                     pad_trailing, walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
 # V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
 # the chunk loop: 3 for 16-bit terms (6.65 ms end to end against 7.15 ms with 2; 64- and
@@ -214,3 +214,86 @@ def gpu_chunk_outputs(terms, entry_states, v_new, seq_len, matmul_dtype):
     (``matmul_dtype``, which the terms are stored in)."""
     del matmul_dtype  # the terms carry it
     return _outputs(terms.q_in, terms.attn, entry_states, v_new)[:, :seq_len]
+
+
+def _walk_outputs_kernel(w_ref, u_ref, k_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *, precision):
+    """The forward walk with the outputs formed on the way (one program per group and V-block):
+    refs as in ``_walk_forward_kernel`` plus q_in ``[N, C, K]`` and attn ``[N, C, C]``; o
+    ``[N*C, BV]`` (the group's rows of ``[B, T, H, V]``). ``forward_step`` runs unchanged; its
+    two stores become the outputs, ``o_n = q_in_n S_n + attn_n V'_n``, with the same operand
+    dtypes as ``gdn_chunk_outputs`` (S_n and V'_n rounded to the terms' dtype), so neither the
+    entry states nor V' reach HBM."""
+    c = w_ref.shape[1]
+
+    def chunk(n, state):
+        inter = []  # q_in_n S_n, from the "states" store to the "v_new" store of the same step
+
+        def store(name, value):
+            operand = value.astype(w_ref.dtype)
+            if name == "states":
+                inter.append(dot(q_ref[n], operand, precision))
+            else:  # "v_new"
+                o_ref[pl.ds(n * c, c), :] = (inter.pop() + dot(a_ref[n], operand, precision)).astype(o_ref.dtype)
+
+        refs = dict(w=w_ref, u=u_ref, k_out=k_ref, decay=d_ref)
+        return forward_step(lambda name: refs[name][n], store, state, precision)
+
+    final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, s0_ref[...].astype(F32)).astype(final_ref.dtype)
+
+
+def _walk_outputs_call(terms, initial_state):
+    """``_walk_outputs_kernel`` on ``ChunkTerms`` ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the
+    terms' dtype and the final state ``[B, H, K, V]`` float32 (head dims padded as the walk's)."""
+    batch, heads, n, c, d_k = terms.w.shape
+    d_v = terms.u.shape[-1]
+    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
+    groups = batch * heads
+    w, u, k_out, decay, s0 = flat_walk_inputs(terms, initial_state, pk, pv)
+    q_in = pad_trailing(terms.q_in.reshape(groups, n, c, d_k), pk)
+    attn = terms.attn.reshape(groups, n, c, c)
+    bv = _block_v(pv)
+    interpret, params, precision = backend_params(w.dtype)
+    o, final = pl.pallas_call(
+        functools.partial(_walk_outputs_kernel, precision=precision),
+        grid=(groups, pv // bv),
+        in_specs=[_by_group(n, c, pk), _by_group_v(n, c, bv), _by_group(n, c, pk), _by_group(n, pk, 1),
+                  _by_group(n, c, pk), _by_group(n, c, c), _by_group_v(pk, bv)],
+        out_specs=[pl.BlockSpec((pl.squeezed, n * c, pl.squeezed, bv), lambda g, j: (g // heads, 0, g % heads, j)),
+                   _by_group_v(pk, bv)],
+        out_shape=[jax.ShapeDtypeStruct((batch, n * c, heads, pv), w.dtype),
+                   jax.ShapeDtypeStruct((groups, pk, pv), F32)],
+        interpret=interpret, compiler_params=params, name="gdn_walk_outputs_fwd",
+    )(w, u, k_out, decay, q_in, attn, s0)
+    return o[..., :d_v], final.reshape(batch, heads, pk, pv)[:, :, :d_k, :d_v]
+
+
+def _unfused_walk_outputs(terms, initial_state):
+    """The same as ``_walk_outputs_call`` through the walk and outputs kernels (and their VJPs)."""
+    entry_states, v_new, final = gpu_walk_states(terms, initial_state)
+    return _outputs(terms.q_in, terms.attn, entry_states, v_new), final
+
+
+@jax.custom_vjp
+def _walk_outputs(terms, initial_state):
+    return _walk_outputs_call(terms, initial_state)
+
+
+def _walk_outputs_fwd(terms, initial_state):
+    """Differentiated calls run the two kernels, which keep the entry states and V' the
+    backward needs."""
+    return jax.vjp(_unfused_walk_outputs, terms, initial_state)
+
+
+def _walk_outputs_bwd(vjp, cotangents):
+    return vjp(cotangents)
+
+
+_walk_outputs.defvjp(_walk_outputs_fwd, _walk_outputs_bwd)
+
+
+def gpu_walk_outputs(terms, initial_state, seq_len):
+    """``chunked.walk_states`` and ``chunked.chunk_outputs`` in one kernel for forward-only calls:
+    o ``[B, T, H, V]`` in the terms' dtype and the final state; differentiated, the walk and
+    outputs kernels (``_walk_outputs_fwd``)."""
+    o, final = _walk_outputs(terms, initial_state)
+    return o[:, :seq_len], final

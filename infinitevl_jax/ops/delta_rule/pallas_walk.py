@@ -149,18 +149,25 @@ def pad_trailing(x, *sizes):
     return jnp.pad(x, widths)
 
 
-def walk_states_with(walk: Callable, terms, initial_state, padded_dims: Callable[[int, int], tuple[int, int]]):
-    """Drop-in for ``chunked.walk_states``: flattens batch x heads, pads the head dims to
-    ``padded_dims(d_k, d_v)`` (zero rows and columns change nothing in the recurrence), runs
-    ``walk`` and slices the padding off."""
-    batch, heads, n, c, d_k = terms.w.shape
-    d_v = terms.u.shape[-1]
-    pk, pv = padded_dims(d_k, d_v)
+def flat_walk_inputs(terms, initial_state, pk: int, pv: int) -> tuple:
+    """``WalkCalls.forward``'s inputs from ``ChunkTerms`` ``[B, H, N, ...]`` and the state
+    ``[B, H, K, V]``: batch x heads flattened to groups, head dims zero-padded to ``pk``/``pv``
+    (zero rows and columns change nothing in the recurrence), the chunk decay as a ``[K, 1]``
+    column per chunk. Returns ``(w, u, k_out, decay, s0)``."""
+    batch, heads, n = terms.w.shape[:3]
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     w, k_out = (pad_trailing(flat(x), pk) for x in (terms.w, terms.k_out))
     u = pad_trailing(flat(terms.u), pv)
     decay = jnp.broadcast_to(flat(terms.decay)[..., None, None], (batch * heads, n, pk, 1))
-    s0 = pad_trailing(flat(initial_state), pk, pv)
-    states, v_new, final = walk(w, u, k_out, decay, s0)
+    return w, u, k_out, decay, pad_trailing(flat(initial_state), pk, pv)
+
+
+def walk_states_with(walk: Callable, terms, initial_state, padded_dims: Callable[[int, int], tuple[int, int]]):
+    """Drop-in for ``chunked.walk_states``: flattens batch x heads, pads the head dims to
+    ``padded_dims(d_k, d_v)`` (zero rows and columns change nothing in the recurrence), runs
+    ``walk`` and slices the padding off."""
+    batch, heads, _, _, d_k = terms.w.shape
+    d_v = terms.u.shape[-1]
+    states, v_new, final = walk(*flat_walk_inputs(terms, initial_state, *padded_dims(d_k, d_v)))
     unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
     return (unflat(states[..., :d_k, :d_v]), unflat(v_new[..., :d_v]), unflat(final[:, :d_k, :d_v]))
