@@ -5,9 +5,9 @@
     python -m benchmarks.streaming_gpu --smoke      # tiny preset, 112x112 frames, any backend
 
 A streamed 448x448 frame (``StreamingSession.push_frame``: resize on the host, ViT, one decoder
-chunk of 256 tokens on the constant cache) is ~2,200 kernel launches when the layers are
-unrolled; its latency is bound by the host's dispatch as much as by the kernels
-(benchmarks/RESULTS.md). Each setting in ``SETTINGS`` runs ``inference_gpu``'s
+chunk of 256 tokens on the constant cache) is ~1,700 kernel launches when the layers are
+unrolled; since the session donates its cache the latency is bound by the kernels, no longer by
+the host's dispatch (benchmarks/RESULTS.md). Each setting in ``SETTINGS`` runs ``inference_gpu``'s
 ``measure_streaming`` in a fresh process with its ``XLA_FLAGS`` (read once per process), model
 overrides and module constants: per-frame latency, the host time until ``push_frame`` returns,
 pipelined FPS. So that a setting is judged on every inference workload it touches, the same
