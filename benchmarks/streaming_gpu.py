@@ -39,6 +39,8 @@ SETTINGS = {
     "no_dot_merger": dict(xla_flags="--xla_gpu_dot_merger_threshold_mb=0"),  # dots sharing an operand stay apart
     # projections sharing their input as XLA fuses them by default (one Triton GEMM, see layers.gemm_operands)
     "merged_gemm_operands": dict(constants={"infinitevl_jax.models.layers.SEPARATE_GEMM_OPERANDS": False}),
+    # the GDN walk and outputs in one kernel (delta_rule impl pallas_triton_fused)
+    "fused_delta_rule": dict(overrides=["--config.model.delta_rule_impl=pallas_triton_fused"]),
 }
 SMOKE = dict(frames=4, frame_size=112, context=64)
 DECODE_TOKENS = 32
