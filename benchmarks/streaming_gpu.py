@@ -39,8 +39,11 @@ SETTINGS = {
     "no_dot_merger": dict(xla_flags="--xla_gpu_dot_merger_threshold_mb=0"),  # dots sharing an operand stay apart
     # projections sharing their input as XLA fuses them by default (one Triton GEMM, see layers.gemm_operands)
     "merged_gemm_operands": dict(constants={"infinitevl_jax.models.layers.SEPARATE_GEMM_OPERANDS": False}),
-    # the GDN walk and outputs in one kernel (delta_rule impl pallas_triton_fused)
-    "fused_delta_rule": dict(overrides=["--config.model.delta_rule_impl=pallas_triton_fused"]),
+    # the GDN walk and outputs of forward-only calls in separate kernels (the earlier default);
+    # an explicit impl also runs single-token decode steps, which "auto" gives the recurrence
+    "unfused_delta_rule": dict(overrides=["--config.model.delta_rule_impl=pallas_triton_unfused"]),
+    # the GDN walk never split into segments walked in parallel (pallas_gpu.walk_segments)
+    "unsplit_delta_rule": dict(constants={"infinitevl_jax.ops.delta_rule.pallas_gpu.SPLIT_TARGET_GROUPS": 0}),
 }
 SMOKE = dict(frames=4, frame_size=112, context=64)
 DECODE_TOKENS = 32

@@ -9,19 +9,21 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
 - ``"pallas"``: the walk across chunks in Pallas kernels with a hand-written reverse walk for
   gradients: ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels
-  interpreted on CPU. ``pallas_triton`` also forms the chunk-parallel terms of forward-only calls
-  (inference, prefill) and the outputs in Triton kernels (``pallas_gpu_terms``, ``pallas_gpu``);
-  differentiated, its terms are XLA's (``chunked.prepare_chunks``) and so is their VJP
-  (``pallas_gpu_terms.TERMS_BACKWARD = "kernel"`` swaps in a Triton backward for the terms,
-  tested, and 1.06x slower than XLA's VJP on an H200).
-  ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run on CPU in
-  their interpreters (tests);
-- ``"pallas_triton_xla_terms"``: ``pallas_triton`` with XLA's terms in forward-only calls too
-  (for comparison in benchmarks/delta_rule_gpu.py);
-- ``"pallas_triton_fused"``: ``pallas_triton`` with the walk and the outputs of forward-only
-  calls in one kernel (``pallas_gpu.gpu_walk_outputs``: the entry states and V' stay on-chip);
-  differentiated it is ``pallas_triton``. Tested in interpret mode and lowered for CUDA; not yet
-  timed on a GPU, so ``"pallas"`` does not pick it;
+  interpreted on CPU. For forward-only calls (inference, prefill) ``pallas_triton`` forms the
+  chunk-parallel terms in a Triton kernel (``pallas_gpu_terms``) and walks the chunks with the
+  outputs formed on the way (``pallas_gpu.gpu_walk_outputs``: entry states and V' never reach
+  HBM), the walk split into segments walked in parallel when a call has too few batch x head
+  groups to fill the GPU (``pallas_gpu.walk_segments``). Differentiated, its terms are XLA's
+  (``chunked.prepare_chunks``) and so is their VJP (``pallas_gpu_terms.TERMS_BACKWARD =
+  "kernel"`` swaps in a Triton backward for the terms, tested, and 1.06x slower than XLA's VJP
+  on an H200), and the walk and the outputs are separate kernels, which keep what the reverse
+  walk reads. ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run
+  on CPU in their interpreters (tests);
+- ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only
+  calls in separate kernels (the default before the fused kernel was measured faster on an
+  H200; kept for comparison in benchmarks/delta_rule_gpu.py);
+- ``"pallas_triton_xla_terms"``: ``pallas_triton_unfused`` with XLA's terms in forward-only
+  calls too (for comparison);
 - ``"auto"``: ``recurrent`` for a single token; otherwise ``pallas`` on GPU and TPU and
   ``chunked`` on CPU (the fastest correct impl per backend, measured in benchmarks/RESULTS.md;
   the TPU kernels are checked in the TPU interpreter and lowered for TPU in the tests, and
@@ -50,12 +52,12 @@ from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunked": chunked_gated_delta_rule,
-    "pallas_triton": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks, walk=gpu_walk_states,
-                                       outputs=gpu_chunk_outputs),
+    "pallas_triton": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
+                                       walk_outputs=gpu_walk_outputs),
+    "pallas_triton_unfused": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
+                                               walk=gpu_walk_states, outputs=gpu_chunk_outputs),
     "pallas_triton_xla_terms": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states,
                                                  outputs=gpu_chunk_outputs),
-    "pallas_triton_fused": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
-                                             walk_outputs=gpu_walk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 
