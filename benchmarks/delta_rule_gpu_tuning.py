@@ -1,7 +1,7 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
-        [--sections stages kernels precision launch terms_backward split]
+        [--sections stages kernels precision launch terms_backward]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
@@ -16,12 +16,10 @@
 4. terms_backward: forward+backward at B1 T65536 and B8 T4096 with the chunk terms' VJP by XLA
    and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``), and each one's
    largest gradient error against the chunked impl at B1 T4096.
-5. split: the split walk of forward-only calls (``pallas_gpu.walk_segments``): segments per
-   group, minimum segment length and V-block width, forward ms at B1 T65536, B1 T16384 and B8
-   T4096 beside FLA's, and errors against the chunked impl at B1 T65536 (target 0: the
-   unsplit walk). Saved after every setting.
 
 Pallas caches traced kernels, so every precision and launch setting runs in a fresh process.
+The split walk's sweep (``--sections split``) ran at commit c886313 and was removed with that
+walk (benchmarks/RESULTS.md).
 H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
 """
 
@@ -51,12 +49,8 @@ PRECISIONS = {
 }
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
             (128, 8, 2)]  # (V-block, num_warps, num_stages)
-# (SPLIT_TARGET_GROUPS, SPLIT_MIN_CHUNKS, SPLIT_BLOCK_V) of the split walk; target 0: never split
-SPLITS = [(0, 16, 32), (512, 16, 32), (2048, 8, 32), (1024, 8, 32), (512, 16, 64), (2048, 8, 64)]
-SPLIT_SHAPES = ((1, 65536), (1, 16384), (8, 4096))
-SPLIT_CHECK_SHAPE = (1, 65536)  # where the split settings' errors are measured
 PROFILE_CALLS = 5
-SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "split")
+SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
 TERMS_BACKWARDS = ("xla", "kernel")
 
 
@@ -121,37 +115,6 @@ def launch_row(block_v, warps, num_stages):
     pallas_gpu.NUM_STAGES_16BIT = num_stages
     args = jax_args(make_inputs(1, 65536))
     return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10))
-
-
-def split_rows(save):
-    """Forward-only ``pallas`` under each of ``SPLITS``, all in this process (each setting gives
-    other kernel shapes, so nothing traced is reused; a fresh ``jax.jit`` per setting re-reads
-    the constants): ms at ``SPLIT_SHAPES``, FLA's ms at the same shapes (when installed) and the
-    relative max error of o and the final state against the chunked impl at B1 T65536.
-    ``save(rows)`` runs after every row."""
-    inputs = {shape: make_inputs(*shape) for shape in SPLIT_SHAPES}
-    check = jax_args(make_inputs(*SPLIT_CHECK_SHAPE, seed=3))
-    ref_o, ref_state = forward("chunked")(*check)
-    err = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
-    try:
-        from benchmarks.delta_rule_gpu import FLA
-        fla = FLA()
-        rows = [dict(setting="FLA 0.6.0", **{f"B{b}_T{t}_ms": fla.median_ms(inputs[(b, t)], backward=False)
-                                            for b, t in SPLIT_SHAPES})]
-    except ImportError:
-        rows = []
-    for target_groups, min_chunks, block_v in SPLITS:
-        pallas_gpu.SPLIT_TARGET_GROUPS, pallas_gpu.SPLIT_MIN_CHUNKS = target_groups, min_chunks
-        pallas_gpu.SPLIT_BLOCK_V = block_v
-        row = dict(setting=f"split {target_groups}/{min_chunks}/{block_v}", target_groups=target_groups,
-                   min_chunks=min_chunks, block_v=block_v)
-        for (batch, seq_len), x in inputs.items():
-            row[f"B{batch}_T{seq_len}_ms"] = median_ms(forward("pallas"), *jax_args(x), iters=10)
-        o, state = forward("pallas")(*check)
-        rows.append(dict(row, o_rel_err=err(o, ref_o), state_rel_err=err(state, ref_state)))
-        print(rows[-1], flush=True)
-        save(rows)
-    return rows
 
 
 def terms_backward_row(mode):
@@ -238,10 +201,6 @@ def main(argv=None):
         columns = list(dict.fromkeys(key for row in backward_rows for key in row))  # a failed row has ms/error
         print_table([{key: row.get(key, "-") for key in columns} for row in backward_rows], columns)
         save(terms_backward=backward_rows)
-    if "split" in args.sections:
-        rows = split_rows(lambda rows: save(split=rows))
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        print_table([{key: row.get(key, "-") for key in columns} for row in rows], columns)
     save(sections=args.sections, complete=True)
 
 

@@ -42,8 +42,6 @@ SETTINGS = {
     # the GDN walk and outputs of forward-only calls in separate kernels (the earlier default);
     # an explicit impl also runs single-token decode steps, which "auto" gives the recurrence
     "unfused_delta_rule": dict(overrides=["--config.model.delta_rule_impl=pallas_triton_unfused"]),
-    # the GDN walk never split into segments walked in parallel (pallas_gpu.walk_segments)
-    "unsplit_delta_rule": dict(constants={"infinitevl_jax.ops.delta_rule.pallas_gpu.SPLIT_TARGET_GROUPS": 0}),
 }
 SMOKE = dict(frames=4, frame_size=112, context=64)
 DECODE_TOKENS = 32

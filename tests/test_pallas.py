@@ -68,45 +68,6 @@ def test_fused_walk_outputs_equal_the_two_kernels():
     np.testing.assert_allclose(fused_state, state, rtol=0, atol=1e-6 * np.abs(np.asarray(state)).max())
 
 
-# Split walk settings (SPLIT_TARGET_GROUPS, SPLIT_MIN_CHUNKS) and the segments they give the
-# tests' 4 groups of 3 chunks: 2 segments (chunks padded to 4 with an identity chunk), 3 of one.
-SPLITS = {(8, 1): 2, (512, 1): 3}
-
-
-@pytest.mark.parametrize("split", sorted(SPLITS))
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
-@pytest.mark.parametrize("resets", [False, True])
-def test_split_walk_matches_reference(monkeypatch, split, dtype, tol, resets):
-    """Forward-only ``pallas_triton`` with the walk split into segments (each segment's
-    transition and own contribution, then the fused walk from the entry states) against the
-    float64 reference: mild decay so that every segment's entry state matters (and with the
-    tests' resets and g = -20 step). bf16: measured 5e-3 with and without the split; a wrong
-    transition or segment order is off by O(1)."""
-    monkeypatch.setattr(pallas_gpu, "SPLIT_TARGET_GROUPS", split[0])
-    monkeypatch.setattr(pallas_gpu, "SPLIT_MIN_CHUNKS", split[1])
-    assert pallas_gpu.walk_segments(B * H, -(-T // CHUNK_SIZE)) == SPLITS[split]
-    (q, k, v, g, beta, s0), ids = _inputs(seed=7)
-    if not resets:
-        g, ids = np.full_like(g, -0.02), np.zeros_like(ids)
-    q, k, v, beta = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v, beta))
-    cast = lambda x: jnp.asarray(x, dtype)
-    o, state = jax.jit(lambda *a: gated_delta_rule(*map(cast, a[:3]), a[3], cast(a[4]), initial_state=a[5],
-                                                   segment_ids=a[6], impl="pallas_triton"))(q, k, v, g, beta, s0, ids)
-    ref_o, ref_state = gated_delta_rule_ref(q, k, v, g, beta, initial_state=s0, segment_ids=ids)
-    np.testing.assert_allclose(np.asarray(o, np.float64), ref_o, atol=tol * np.abs(ref_o).max(), rtol=0)
-    np.testing.assert_allclose(state, ref_state, atol=tol * np.abs(ref_state).max(), rtol=0)
-
-
-def test_walk_segments_fill_the_target_and_respect_the_minimum(monkeypatch):
-    monkeypatch.setattr(pallas_gpu, "SPLIT_TARGET_GROUPS", 512)
-    monkeypatch.setattr(pallas_gpu, "SPLIT_MIN_CHUNKS", 16)
-    assert pallas_gpu.walk_segments(16, 1024) == 32  # B1 H16 T65536: 512 programs' groups
-    assert pallas_gpu.walk_segments(16, 64) == 4  # T4096: segments of at least 16 chunks
-    assert pallas_gpu.walk_segments(16, 20) == 1 and pallas_gpu.walk_segments(512, 1024) == 1
-    monkeypatch.setattr(pallas_gpu, "SPLIT_TARGET_GROUPS", 0)
-    assert pallas_gpu.walk_segments(16, 1024) == 1
-
-
 # Each input's directional derivative against central differences of the float64 reference,
 # errors relative to the largest of them (cancellation across inputs would make a relative
 # error of the sum meaningless). bf16 inputs: the kernels take bf16 terms and bf16 matmul
@@ -218,7 +179,7 @@ def test_terms_backward_kernel_matches_xla_vjp(monkeypatch, dtype, tol):
 
 
 # What each Triton impl's call lowers to, forward only and differentiated (the terms' VJP by
-# XLA, the default, or by the terms' backward kernel; "split": forward only, walk split).
+# XLA, the default, or by the terms' backward kernel).
 TRITON_LOWERINGS = [
     ("pallas_triton", False, "xla", ("gdn_chunk_terms", "gdn_walk_outputs_fwd")),
     ("pallas_triton", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
@@ -226,9 +187,7 @@ TRITON_LOWERINGS = [
                                        "gdn_state_walk_bwd", "gdn_chunk_outputs")),
     ("pallas_triton_unfused", False, "xla", ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs")),
     ("pallas_triton_unfused", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
-    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs")),
-    ("pallas_triton", False, "split", ("gdn_chunk_terms", "gdn_segment_transitions", "gdn_segment_states",
-                                       "gdn_walk_outputs_fwd"))]
+    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs"))]
 
 
 @pytest.mark.parametrize("impl,with_backward,terms_backward,kernels", TRITON_LOWERINGS)
@@ -237,12 +196,7 @@ def test_triton_kernels_lower_for_cuda_at_the_4b_head_dims(monkeypatch, dtype, i
                                                            kernels):
     """The kernels lower through Pallas' Triton lowering for CUDA on any host (their Triton IR is
     built at lowering time; PTX is compiled on the GPU): d_k 128, d_v 256, chunk 64, with bf16
-    terms (16-bit inputs) and float32 terms (3xTF32 matmuls). ``"split"``: the forward's walk
-    cut into 2 segments of 2 chunks."""
-    if terms_backward == "split":
-        monkeypatch.setattr(pallas_gpu, "SPLIT_MIN_CHUNKS", 2)
-        monkeypatch.setattr(pallas_gpu, "SPLIT_TARGET_GROUPS", 512)
-        terms_backward = "xla"
+    terms (16-bit inputs) and float32 terms (3xTF32 matmuls)."""
     monkeypatch.setattr(pallas_gpu_terms, "TERMS_BACKWARD", terms_backward)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Triton, not the interpreter
     shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, jnp.dtype(dt))

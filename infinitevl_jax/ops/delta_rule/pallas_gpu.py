@@ -6,9 +6,8 @@ The walk's math and ``custom_vjp`` wiring live in ``pallas_walk``. Here one Pall
 a ``fori_loop``, reading the whole sequence's chunk terms through its BlockSpecs. The outputs
 kernel (one program per group, chunk and V-block) forms ``q_in S + attn V'`` and writes it
 straight into the ``[B, T, H, V]`` layout; its VJP is XLA's (the outputs are linear in each
-operand). Those two serve differentiated calls. Forward-only calls run the walk with the
-outputs formed on the way (``gpu_walk_outputs``), split into segments walked in parallel when
-batch x heads alone gives too few programs (``walk_segments``).
+operand). Those two serve differentiated calls; forward-only calls run the walk with the
+outputs formed on the way (``gpu_walk_outputs``).
 
 GPU lowering is Triton, chosen explicitly through ``compiler_params`` (jax 0.11 would otherwise
 lower ``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run
@@ -20,7 +19,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
@@ -42,12 +40,6 @@ NUM_STAGES_F32 = 2
 # in a fresh process per setting.
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 MIN_DOT_DIM = 16  # Triton's smallest dot operand dimension
-# The split walk of forward-only calls (``walk_segments``, ``_walk_outputs_call``): segments per
-# group so that groups x segments reaches SPLIT_TARGET_GROUPS (0: never split), each at least
-# SPLIT_MIN_CHUNKS chunks; V-blocks of SPLIT_BLOCK_V in its kernels.
-SPLIT_TARGET_GROUPS = 512
-SPLIT_MIN_CHUNKS = 16
-SPLIT_BLOCK_V = 32
 
 
 def _chunk_io(n, refs: dict):
@@ -250,95 +242,9 @@ def _walk_outputs_kernel(w_ref, u_ref, k_ref, d_ref, q_ref, a_ref, s0_ref, o_ref
     final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, s0_ref[...].astype(F32)).astype(final_ref.dtype)
 
 
-def walk_segments(groups: int, n_chunks: int) -> int:
-    """How many segments the forward-only walk splits each group's chunks into (1: no split):
-    enough that groups x segments reaches ``SPLIT_TARGET_GROUPS``, each at least
-    ``SPLIT_MIN_CHUNKS`` chunks long."""
-    if SPLIT_TARGET_GROUPS <= groups:
-        return 1
-    return max(1, min(-(-SPLIT_TARGET_GROUPS // groups), n_chunks // SPLIT_MIN_CHUNKS))
-
-
-def _segment_walk_kernel(*refs, precision, transition):
-    """One program walks one segment from a known start and keeps only where it ends.
-
-    ``transition=False``: refs w, u, k_out, d, final; the walk from S = 0, so final is the
-    segment's own contribution ``[K, BV]`` to its leaving state. ``transition=True``: refs w,
-    k_out, d, final; the walk of the identity's columns ``[j*BV, (j+1)*BV)`` with U = 0, so final
-    is that column block of the segment's state transition ``[K, K]`` (the walk is linear in S:
-    ``S_out = transition S_in + own``)."""
-    if transition:
-        w_ref, k_ref, d_ref, final_ref = refs
-    else:
-        w_ref, u_ref, k_ref, d_ref, final_ref = refs
-    d_k, bv = final_ref.shape
-    if transition:
-        rows = jax.lax.broadcasted_iota(jnp.int32, (d_k, bv), 0)
-        cols = jax.lax.broadcasted_iota(jnp.int32, (d_k, bv), 1) + pl.program_id(1) * bv
-        start = (rows == cols).astype(F32)
-        tiles = dict(w=w_ref, k_out=k_ref, decay=d_ref)
-        zero_u = jnp.zeros((w_ref.shape[1], bv), w_ref.dtype)
-    else:
-        start = jnp.zeros((d_k, bv), F32)
-        tiles = dict(w=w_ref, u=u_ref, k_out=k_ref, decay=d_ref)
-
-    def chunk(n, state):
-        load = lambda name: zero_u if name not in tiles else tiles[name][n]
-        return forward_step(load, lambda name, value: None, state, precision)
-
-    final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, start).astype(final_ref.dtype)
-
-
-def _segment_walk_call(w, u, k_out, decay, *, transition: bool):
-    """``_segment_walk_kernel`` over flat segments ``[S, L, ...]`` (walk inputs as in
-    ``WalkCalls.forward``): ``[S, K, K]`` transitions, or ``[S, K, V]`` own contributions."""
-    segments, n, c, d_k = w.shape
-    width = d_k if transition else u.shape[-1]
-    bv = min(width, SPLIT_BLOCK_V)
-    interpret, params, precision = backend_params(w.dtype)
-    inputs = (w, k_out, decay) if transition else (w, u, k_out, decay)
-    specs = [_by_group(n, c, d_k)] + ([] if transition else [_by_group_v(n, c, bv)])
-    return pl.pallas_call(
-        functools.partial(_segment_walk_kernel, precision=precision, transition=transition),
-        grid=(segments, width // bv),
-        in_specs=specs + [_by_group(n, c, d_k), _by_group(n, d_k, 1)],
-        out_specs=_by_group_v(d_k, bv),
-        out_shape=jax.ShapeDtypeStruct((segments, d_k, width), F32),
-        interpret=interpret, compiler_params=params,
-        name="gdn_segment_transitions" if transition else "gdn_segment_states",
-    )(*inputs)
-
-
-def _segment_entry_states(transitions, own, s0):
-    """The state entering each segment, ``[G, P, K, V]``, from each segment's ``transitions``
-    ``[G, P, K, K]`` and ``own`` contribution ``[G, P, K, V]`` and the group's start ``s0``
-    ``[G, K, V]``: ``S_{p+1} = transition_p S_p + own_p`` (P small float32 matmuls)."""
-
-    def step(state, xs):
-        transition, contribution = xs
-        return jnp.einsum("gij,gjv->giv", transition, state, precision=jax.lax.Precision.HIGHEST) + contribution, state
-
-    _, entries = jax.lax.scan(step, s0, (jnp.moveaxis(transitions, 1, 0), jnp.moveaxis(own, 1, 0)))
-    return jnp.moveaxis(entries, 0, 1)
-
-
-def _pad_chunks(x, n_chunks, value=0.0):
-    """``[G, N, ...]`` padded along N to ``n_chunks`` with ``value`` (identity chunks: zero terms,
-    decay 1, leave the state and the real outputs unchanged)."""
-    return jnp.pad(x, [(0, 0), (0, n_chunks - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-
-
 def _walk_outputs_call(terms, initial_state):
     """``_walk_outputs_kernel`` on ``ChunkTerms`` ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the
-    terms' dtype and the final state ``[B, H, K, V]`` float32 (head dims padded as the walk's).
-
-    Split walk: when ``walk_segments`` gives P > 1 segments per group, the chunks (padded with
-    identity chunks to a multiple of P) are cut into P segments of L chunks. Every segment's
-    transition and own contribution (``_segment_walk_call``, all segments in parallel) give the
-    state entering it (``_segment_entry_states``); the fused kernel then walks all G x P
-    segments in parallel from those states. That is ~2.5 walks' work with P times the
-    programs (the unsplit walk runs one program per group and V-block, too few to fill a GPU
-    at batch 1)."""
+    terms' dtype and the final state ``[B, H, K, V]`` float32 (head dims padded as the walk's)."""
     batch, heads, n, c, d_k = terms.w.shape
     d_v = terms.u.shape[-1]
     pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
@@ -346,33 +252,20 @@ def _walk_outputs_call(terms, initial_state):
     w, u, k_out, decay, s0 = flat_walk_inputs(terms, initial_state, pk, pv)
     q_in = pad_trailing(terms.q_in.reshape(groups, n, c, d_k), pk)
     attn = terms.attn.reshape(groups, n, c, c)
-    segments = walk_segments(groups, n)
-    if segments > 1:
-        length = -(-n // segments)
-        w, u, k_out, q_in, attn = (_pad_chunks(x, length * segments) for x in (w, u, k_out, q_in, attn))
-        decay = _pad_chunks(decay, length * segments, 1.0)
-        cut = lambda x: x.reshape(groups * segments, length, *x.shape[2:])
-        w, u, k_out, decay, q_in, attn = (cut(x) for x in (w, u, k_out, decay, q_in, attn))
-        transitions = _segment_walk_call(w, None, k_out, decay, transition=True)
-        own = _segment_walk_call(w, u, k_out, decay, transition=False)
-        entries = _segment_entry_states(transitions.reshape(groups, segments, pk, pk),
-                                        own.reshape(groups, segments, pk, pv), s0)
-        s0, n = entries.reshape(groups * segments, pk, pv), length
-    bv = _block_v(pv) if segments == 1 else min(pv, SPLIT_BLOCK_V)
+    bv = _block_v(pv)
     interpret, params, precision = backend_params(w.dtype)
-    rows = lambda g, j: (g // (heads * segments), g % segments, (g // segments) % heads, j)
     o, final = pl.pallas_call(
         functools.partial(_walk_outputs_kernel, precision=precision),
-        grid=(groups * segments, pv // bv),
+        grid=(groups, pv // bv),
         in_specs=[_by_group(n, c, pk), _by_group_v(n, c, bv), _by_group(n, c, pk), _by_group(n, pk, 1),
                   _by_group(n, c, pk), _by_group(n, c, c), _by_group_v(pk, bv)],
-        out_specs=[pl.BlockSpec((pl.squeezed, n * c, pl.squeezed, bv), rows), _by_group_v(pk, bv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, segments * n * c, heads, pv), w.dtype),
-                   jax.ShapeDtypeStruct((groups * segments, pk, pv), F32)],
+        out_specs=[pl.BlockSpec((pl.squeezed, n * c, pl.squeezed, bv), lambda g, j: (g // heads, 0, g % heads, j)),
+                   _by_group_v(pk, bv)],
+        out_shape=[jax.ShapeDtypeStruct((batch, n * c, heads, pv), w.dtype),
+                   jax.ShapeDtypeStruct((groups, pk, pv), F32)],
         interpret=interpret, compiler_params=params, name="gdn_walk_outputs_fwd",
     )(w, u, k_out, decay, q_in, attn, s0)
-    final = final.reshape(batch, heads, segments, pk, pv)[:, :, -1]  # the last segment's walk ends the sequence
-    return o[..., :d_v], final[:, :, :d_k, :d_v]
+    return o[..., :d_v], final.reshape(batch, heads, pk, pv)[:, :, :d_k, :d_v]
 
 
 def _unfused_walk_outputs(terms, initial_state):
