@@ -11,13 +11,15 @@
    of the forward with the walk and the outputs in separate kernels (``pallas_triton_unfused``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
-3. launch: V-block width, warps and pipeline stages of the walk kernel, B1 T65536 forward
-   (bf16 inputs, so bf16 chunk terms and matmul operands).
+3. launch: V-block width, warps and pipeline stages of the walk kernels (``MAX_BLOCK_V``,
+   ``TRITON_PARAMS``, ``NUM_STAGES_16BIT``), B1 T65536 forward, which runs the walk with the
+   outputs formed on the way (bf16 inputs, so bf16 chunk terms and matmul operands).
 4. terms_backward: forward+backward at B1 T65536 and B8 T4096 with the chunk terms' VJP by XLA
    and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``), and each one's
    largest gradient error against the chunked impl at B1 T4096.
 
-Pallas caches traced kernels, so every precision and launch setting runs in a fresh process.
+Pallas caches traced kernels, so every precision, launch and terms_backward setting runs in a
+fresh process, and each is saved as soon as it is measured.
 The split walk's sweep (``--sections split``) ran at commit c886313 and was removed with that
 walk (benchmarks/RESULTS.md).
 H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
@@ -50,6 +52,7 @@ PRECISIONS = {
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
             (128, 8, 2)]  # (V-block, num_warps, num_stages)
 PROFILE_CALLS = 5
+SETTING_TIMEOUT_S = 300  # per fresh-process setting
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
 TERMS_BACKWARDS = ("xla", "kernel")
 
@@ -133,13 +136,29 @@ def terms_backward_row(mode):
 
 def in_fresh_process(*setting):
     """One setting in a new process; a setting that fails to compile or run (e.g. shared memory
-    exceeded) is a result of the sweep, recorded with the last line of its error."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.delta_rule_gpu_tuning", "--one", *map(str, setting)],
-                          capture_output=True, text=True)
+    exceeded) or takes over ``SETTING_TIMEOUT_S`` is a result of the sweep, recorded with the
+    last line of its error."""
+    command = [sys.executable, "-m", "benchmarks.delta_rule_gpu_tuning", "--one", *map(str, setting)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=SETTING_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return dict(ms=None, error=f"timed out after {SETTING_TIMEOUT_S} s")
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
     lines = done.stderr.strip().splitlines() or ["no output"]
     return dict(ms=None, error=lines[-1][:200])
+
+
+def fresh_process_sweep(kind, settings, label, save):
+    """``in_fresh_process(kind, *setting)`` for each setting, as rows ``{**label(setting), ...}``;
+    each row is printed and ``save(rows)`` called as soon as it is measured, so a run cut short
+    keeps every finished setting."""
+    rows = []
+    for setting in settings:
+        rows.append(dict(label(setting), **in_fresh_process(kind, *setting)))
+        print(rows[-1], flush=True)
+        save(rows)
+    return rows
 
 
 def _shown(row):
@@ -186,21 +205,20 @@ def main(argv=None):
             print()
         save(kernels=profiles)
     if "precision" in args.sections:
-        precision_rows = [dict(precision=name, **in_fresh_process("precision", name)) for name in PRECISIONS]
+        precision_rows = fresh_process_sweep("precision", [(name,) for name in PRECISIONS],
+                                             lambda s: dict(precision=s[0]), lambda rows: save(precision=rows))
         print_table([_shown(r) for r in precision_rows], ["precision", "o_rel_err", "state_rel_err", "ms"])
         print()
-        save(precision=precision_rows)
     if "launch" in args.sections:
-        launch_rows = [dict(block_v=b, num_warps=w, num_stages=st, **in_fresh_process("launch", b, w, st))
-                       for b, w, st in LAUNCHES]
-        print_table([_shown(r) for r in launch_rows], ["block_v", "num_warps", "num_stages", "ms"])
-        save(launch=launch_rows)
+        launch_columns = ("block_v", "num_warps", "num_stages")
+        launch_rows = fresh_process_sweep("launch", LAUNCHES, lambda s: dict(zip(launch_columns, s)),
+                                          lambda rows: save(launch=rows))
+        print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms"])
     if "terms_backward" in args.sections:
-        backward_rows = [dict(terms_backward=mode, **in_fresh_process("terms_backward", mode))
-                         for mode in TERMS_BACKWARDS]
+        backward_rows = fresh_process_sweep("terms_backward", [(mode,) for mode in TERMS_BACKWARDS],
+                                            lambda s: dict(terms_backward=s[0]), lambda rows: save(terms_backward=rows))
         columns = list(dict.fromkeys(key for row in backward_rows for key in row))  # a failed row has ms/error
         print_table([{key: row.get(key, "-") for key in columns} for row in backward_rows], columns)
-        save(terms_backward=backward_rows)
     save(sections=args.sections, complete=True)
 
 
