@@ -13,7 +13,8 @@ overrides and module constants: per-frame latency, the host time until ``push_fr
 pipelined FPS. So that a setting is judged on every inference workload it touches, the same
 process then times a ``--context``-token prefill (one chunk) and 32 decode steps after it
 (``measure_context``). A setting whose process fails (e.g. a flag this XLA does not know) is a
-row with its error.
+row with its error. The JSON is rewritten after every setting (``complete`` turns true at
+the end).
 """
 
 from __future__ import annotations
@@ -109,10 +110,19 @@ def main(argv=None):
     from benchmarks.common import announce_device, out_path, print_table, write_json
 
     device = announce_device(args.smoke)
+    out = out_path(args, "streaming_gpu")
     rows = []
+
+    def save(complete):  # after every setting: a run cut short keeps the settings it finished
+        write_json(out, dict(benchmark="streaming_gpu", device=device, smoke=args.smoke, complete=complete,
+                             settings=dict(frames=args.frames, frame_size=args.frame_size, context=args.context,
+                                           decode_tokens=DECODE_TOKENS), rows=rows))
+
     for name in args.settings:
         print(f"setting {name} ...", file=sys.stderr, flush=True)
         rows.append(run_setting(name, args))
+        print(rows[-1], flush=True)
+        save(complete=False)
     columns = ["setting", "frame_ms_mean", "frame_ms_max", "host_ms_mean", "fps_latency", "fps_pipelined",
                "prefill_ms", "decode_ms", "error"]
     print_table([{c: r.get(c, "") for c in columns} for r in rows], columns)
@@ -120,11 +130,7 @@ def main(argv=None):
         if "fps_latency" in r:
             print(f"target streaming {r['setting']}: {'MET' if r['fps_latency'] >= TARGET_FPS else 'MISSED'} "
                   f"({r['fps_latency']:.1f} FPS per frame, target {TARGET_FPS:.0f})")
-    out = out_path(args, "streaming_gpu")
-    write_json(out, dict(benchmark="streaming_gpu", device=device, smoke=args.smoke,
-                         settings=dict(frames=args.frames, frame_size=args.frame_size, context=args.context,
-                                       decode_tokens=DECODE_TOKENS), rows=rows))
-
+    save(complete=True)
 
 if __name__ == "__main__":
     main()
