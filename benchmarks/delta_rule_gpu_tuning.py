@@ -49,8 +49,8 @@ PRECISIONS = {
     "F32_F32_F32": jax.lax.DotAlgorithmPreset.F32_F32_F32,
     "HIGHEST": jax.lax.Precision.HIGHEST,
 }
-LAUNCHES = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2),
-            (128, 8, 2)]  # (V-block, num_warps, num_stages)
+# (V-block, num_warps, num_stages); session 9 swept 32-128 x 4/8 warps x 2/3 stages on the unfused walk
+LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 2)]
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
@@ -113,11 +113,19 @@ def precision_row(name):
 
 
 def launch_row(block_v, warps, num_stages):
+    """The settings apply to every Triton kernel of the call (terms and walk): ``ms`` is the whole
+    forward, ``walk_ms`` the walk with the outputs alone, on chunk terms formed by XLA."""
     pallas_gpu.MAX_BLOCK_V = block_v
     pallas_gpu.TRITON_PARAMS = dict(num_warps=warps)
     pallas_gpu.NUM_STAGES_16BIT = num_stages
     args = jax_args(make_inputs(1, 65536))
-    return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10))
+    q, k, v, g, beta = args
+    terms = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, segment_resets(None, 65536, 1),
+                                              matmul_dtype=jnp.bfloat16))(q, k, v, g, beta.astype(jnp.float32))
+    s0 = jnp.zeros((1, H, K, V), jnp.float32)
+    walk = jax.jit(lambda t, s: pallas_gpu.gpu_walk_outputs(t, s, 65536))
+    return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10),
+                walk_ms=median_ms(walk, terms, s0, iters=10))
 
 
 def terms_backward_row(mode):
@@ -164,7 +172,7 @@ def fresh_process_sweep(kind, settings, label, save):
 def _shown(row):
     """A table row with failed settings marked, and float errors in scientific notation."""
     if row["ms"] is None:
-        return {**row, "ms": "failed", "o_rel_err": "-", "state_rel_err": "-"}
+        return {**row, "ms": "failed", "walk_ms": "-", "o_rel_err": "-", "state_rel_err": "-"}
     return {k: (f"{v:.1e}" if k.endswith("rel_err") else v) for k, v in row.items()}
 
 
@@ -213,7 +221,7 @@ def main(argv=None):
         launch_columns = ("block_v", "num_warps", "num_stages")
         launch_rows = fresh_process_sweep("launch", LAUNCHES, lambda s: dict(zip(launch_columns, s)),
                                           lambda rows: save(launch=rows))
-        print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms"])
+        print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms", "walk_ms"])
     if "terms_backward" in args.sections:
         backward_rows = fresh_process_sweep("terms_backward", [(mode,) for mode in TERMS_BACKWARDS],
                                             lambda s: dict(terms_backward=s[0]), lambda rows: save(terms_backward=rows))
