@@ -8,7 +8,9 @@
    comparison) and the outputs (XLA, and the Pallas outputs kernel of ``pallas``); the walk
    forward+backward; then the top device kernels of the whole forward and forward+backward
    (``jax.profiler``; ``pallas`` forms the outputs of forward-only calls inside the walk), and
-   of the forward with the walk and the outputs in separate kernels (``pallas_triton_unfused``).
+   of the forward with the walk and the outputs in separate kernels (``pallas_triton_unfused``)
+   and of the forward+backward whose reverse walk forms the outputs' cotangents
+   (``pallas_triton_fused_backward``).
 2. precision: the in-kernel matmul precision (``pallas_gpu.GPU_PRECISION``) against the
    float32-exact chunked impl, float32 inputs, B1 T16384 forward: error and time.
 3. launch: V-block width, warps and pipeline stages of the walk kernels (``MAX_BLOCK_V``,
@@ -89,12 +91,14 @@ def stages():
 
 
 def kernel_profiles():
-    """Top device kernels of the whole Pallas forward and forward+backward and of the unfused
-    forward, B1 T65536, with the JAX operation each XLA fusion came from."""
+    """Top device kernels of the whole Pallas forward and forward+backward, of the unfused
+    forward and of the fused-backward forward+backward, B1 T65536, with the JAX operation each XLA fusion came from."""
     args = jax_args(make_inputs(1, 65536))
     profiles = []
     for name, fn in (("forward", forward("pallas")), ("forward+backward", forward_backward("pallas")),
-                     ("forward, walk and outputs unfused", forward("pallas_triton_unfused"))):
+                     ("forward, walk and outputs unfused", forward("pallas_triton_unfused")),
+                     ("forward+backward, outputs' cotangents in the reverse walk",
+                      forward_backward("pallas_triton_fused_backward"))):
         compiled = fn.lower(*args).compile()  # one compile: profiled, and its HLO names the kernels
         run = lambda: jax.block_until_ready(compiled(*args))
         profiles.append(profile(name, run, PROFILE_CALLS, hlo_text=compiled.as_text()))

@@ -16,8 +16,10 @@ B, T, H, K = 2, 130, 2, 24
 # Triton: d_k 24 pads to 32; d_v 80 pads to 128 = 4 V-blocks of 32. Mosaic TPU: d_k 24 whole;
 # d_v 256 = 2 V-blocks of 128. Both walk several V-blocks, each writing its slice of V', dV and dS.
 # pallas_triton forms forward-only chunk terms in its kernel and the outputs inside the walk;
-# pallas_triton_unfused has a separate outputs kernel; pallas_triton_xla_terms takes XLA's terms.
-KERNELS = {"pallas_triton": 80, "pallas_triton_unfused": 80, "pallas_triton_xla_terms": 80, "pallas_mosaic_tpu": 256}
+# pallas_triton_unfused has a separate outputs kernel; pallas_triton_xla_terms takes XLA's terms;
+# pallas_triton_fused_backward also forms the outputs' cotangents inside the reverse walk.
+KERNELS = {"pallas_triton": 80, "pallas_triton_unfused": 80, "pallas_triton_xla_terms": 80,
+           "pallas_triton_fused_backward": 80, "pallas_mosaic_tpu": 256}
 
 
 @pytest.fixture(params=sorted(KERNELS))
@@ -66,6 +68,31 @@ def test_fused_walk_outputs_equal_the_two_kernels():
     o, fused_o = np.asarray(o, np.float32), np.asarray(fused_o, np.float32)
     np.testing.assert_allclose(fused_o, o, rtol=0, atol=2.0 ** -8 * np.abs(o).max())
     np.testing.assert_allclose(fused_state, state, rtol=0, atol=1e-6 * np.abs(np.asarray(state)).max())
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_fused_backward_gradients_equal_the_unfused_kernels(dtype, tol):
+    """The reverse walk that forms the outputs' cotangents itself against the reverse walk fed
+    by XLA's VJP of the outputs: the same loss and gradients, float32 to summation order, bf16
+    within ~one rounding of the largest entry (the fused kernel keeps dL/dS_n and dL/dV'_n in
+    float32 where XLA's VJP rounds them to bf16; measured up to 3.8e-3)."""
+    (q, k, v, g, beta, s0), ids = _inputs(seed=8)
+    rng = np.random.default_rng(9)
+    w_o, w_s = rng.normal(size=(B, T, H, 80)), rng.normal(size=s0.shape)
+
+    def value_and_grads(impl):
+        def loss(q, k, v, g, beta, s0):
+            q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
+            o, state = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(state * w_s)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(q, k, v, g, beta, s0)
+
+    (value, grads), (fused_value, fused_grads) = (value_and_grads(impl) for impl in
+                                                  ("pallas_triton", "pallas_triton_fused_backward"))
+    np.testing.assert_allclose(fused_value, value, rtol=1e-6)
+    for name, want, have in zip("q k v g beta s0".split(), grads, fused_grads):
+        want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
+        np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"d{name}")
 
 
 # Each input's directional derivative against central differences of the float64 reference,
@@ -187,7 +214,9 @@ TRITON_LOWERINGS = [
                                        "gdn_state_walk_bwd", "gdn_chunk_outputs")),
     ("pallas_triton_unfused", False, "xla", ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs")),
     ("pallas_triton_unfused", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
-    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs"))]
+    ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs")),
+    ("pallas_triton_fused_backward", False, "xla", ("gdn_chunk_terms", "gdn_walk_outputs_fwd")),
+    ("pallas_triton_fused_backward", True, "xla", ("gdn_walk_outputs_fwd", "gdn_walk_outputs_bwd"))]
 
 
 @pytest.mark.parametrize("impl,with_backward,terms_backward,kernels", TRITON_LOWERINGS)

@@ -18,6 +18,11 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   on an H200), and the walk and the outputs are separate kernels, which keep what the reverse
   walk reads. ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run
   on CPU in their interpreters (tests);
+- ``"pallas_triton_fused_backward"``: ``pallas_triton`` whose differentiated calls run fused
+  kernels too: the forward walk forms the outputs and keeps the entry states and V', and the
+  reverse walk forms the outputs' cotangents of both on the way (``pallas_gpu.
+  gpu_walk_outputs_fused_backward``: those cotangents never reach HBM). Tested in interpret
+  mode and lowered for CUDA; not yet timed on a GPU, so ``"pallas"`` does not pick it;
 - ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only
   calls in separate kernels (the default before the fused kernel was measured faster on an
   H200; kept for comparison in benchmarks/delta_rule_gpu.py);
@@ -43,7 +48,8 @@ import jax.numpy as jnp
 from infinitevl_jax.ops.chunk_math import matmul_dtype_for
 from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
-from infinitevl_jax.ops.delta_rule.pallas_gpu import gpu_chunk_outputs, gpu_walk_outputs, gpu_walk_states
+from infinitevl_jax.ops.delta_rule.pallas_gpu import (gpu_chunk_outputs, gpu_walk_outputs,
+                                                    gpu_walk_outputs_fused_backward, gpu_walk_states)
 from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
@@ -53,6 +59,8 @@ IMPLS = {
     "chunked": chunked_gated_delta_rule,
     "pallas_triton": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
                                        walk_outputs=gpu_walk_outputs),
+    "pallas_triton_fused_backward": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
+                                                      walk_outputs=gpu_walk_outputs_fused_backward),
     "pallas_triton_unfused": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
                                                walk=gpu_walk_states, outputs=gpu_chunk_outputs),
     "pallas_triton_xla_terms": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states,

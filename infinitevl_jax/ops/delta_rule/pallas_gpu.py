@@ -7,7 +7,9 @@ a ``fori_loop``, reading the whole sequence's chunk terms through its BlockSpecs
 kernel (one program per group, chunk and V-block) forms ``q_in S + attn V'`` and writes it
 straight into the ``[B, T, H, V]`` layout; its VJP is XLA's (the outputs are linear in each
 operand). Those two serve differentiated calls; forward-only calls run the walk with the
-outputs formed on the way (``gpu_walk_outputs``).
+outputs formed on the way (``gpu_walk_outputs``). ``gpu_walk_outputs_fused_backward`` fuses
+differentiated calls the same way: its forward walk also keeps the entry states and V', and its
+reverse walk forms the outputs' cotangents of both itself.
 
 GPU lowering is Triton, chosen explicitly through ``compiler_params`` (jax 0.11 would otherwise
 lower ``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run
@@ -21,10 +23,11 @@ import functools
 import jax
 from jax.experimental import pallas as pl
 
+from infinitevl_jax.ops.chunk_math import mm
 from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
-from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step, dot,
-                                                     flat_walk_inputs, forward_out_shapes, forward_step, make_walk,
-                                                     pad_trailing, walk_states_with)
+from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
+                                                     chunk_gradients, dot, flat_walk_inputs, forward_out_shapes,
+                                                     forward_step, make_walk, pad_trailing, walk_states_with)
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
 # V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
 # the chunk loop: 3 for 16-bit terms (6.65 ms end to end against 7.15 ms with 2; 64- and
@@ -217,20 +220,24 @@ def gpu_chunk_outputs(terms, entry_states, v_new, seq_len, matmul_dtype):
     return _outputs(terms.q_in, terms.attn, entry_states, v_new)[:, :seq_len]
 
 
-def _walk_outputs_kernel(w_ref, u_ref, k_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *, precision):
+def _walk_outputs_kernel(w_ref, u_ref, k_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *kept_refs, precision):
     """The forward walk with the outputs formed on the way (one program per group and V-block):
     refs as in ``_walk_forward_kernel`` plus q_in ``[N, C, K]`` and attn ``[N, C, C]``; o
     ``[N*C, BV]`` (the group's rows of ``[B, T, H, V]``). ``forward_step`` runs unchanged; its
     two stores become the outputs, ``o_n = q_in_n S_n + attn_n V'_n``, with the same operand
     dtypes as ``gdn_chunk_outputs`` (S_n and V'_n rounded to the terms' dtype), so neither the
-    entry states nor V' reach HBM."""
+    entry states nor V' reach HBM, unless ``kept_refs`` (states ``[N, K, BV]``, v_new
+    ``[N, C, BV]``) are given: then both are stored too, for a backward."""
     c = w_ref.shape[1]
+    kept = dict(zip(("states", "v_new"), kept_refs))
 
     def chunk(n, state):
         inter = []  # q_in_n S_n, from the "states" store to the "v_new" store of the same step
 
         def store(name, value):
             operand = value.astype(w_ref.dtype)
+            if kept:
+                kept[name][n] = operand
             if name == "states":
                 inter.append(dot(q_ref[n], operand, precision))
             else:  # "v_new"
@@ -242,29 +249,126 @@ def _walk_outputs_kernel(w_ref, u_ref, k_ref, d_ref, q_ref, a_ref, s0_ref, o_ref
     final_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], chunk, s0_ref[...].astype(F32)).astype(final_ref.dtype)
 
 
-def _walk_outputs_call(terms, initial_state):
-    """``_walk_outputs_kernel`` on ``ChunkTerms`` ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the
-    terms' dtype and the final state ``[B, H, K, V]`` float32 (head dims padded as the walk's)."""
-    batch, heads, n, c, d_k = terms.w.shape
-    d_v = terms.u.shape[-1]
-    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
-    groups = batch * heads
-    w, u, k_out, decay, s0 = flat_walk_inputs(terms, initial_state, pk, pv)
-    q_in = pad_trailing(terms.q_in.reshape(groups, n, c, d_k), pk)
-    attn = terms.attn.reshape(groups, n, c, c)
+def _token_rows(heads, rows, bv):
+    """BlockSpec of one group's ``rows`` token rows and V-block j in ``[B, T, H, V]`` (o, d_o)."""
+    return pl.BlockSpec((pl.squeezed, rows, pl.squeezed, bv), lambda g, j: (g // heads, 0, g % heads, j))
+
+
+def _walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=False):
+    """``_walk_outputs_kernel`` on flat groups (``WalkCalls.forward``'s inputs plus q_in
+    ``[G, N, C, K]`` and attn ``[G, N, C, C]``, head dims padded): o ``[B, N*C, H, V]`` in the
+    terms' dtype and the final state ``[G, K, V]`` float32; with ``keep`` also the entry states
+    ``[G, N, K, V]`` and V' ``[G, N, C, V]`` in the terms' dtype."""
+    groups, n, c, pk = w.shape
+    pv = u.shape[-1]
     bv = _block_v(pv)
     interpret, params, precision = backend_params(w.dtype)
-    o, final = pl.pallas_call(
+    out_specs = [_token_rows(heads, n * c, bv), _by_group_v(pk, bv)]
+    out_shape = [jax.ShapeDtypeStruct((groups // heads, n * c, heads, pv), w.dtype),
+                 jax.ShapeDtypeStruct((groups, pk, pv), F32)]
+    if keep:
+        out_specs += [_by_group_v(n, pk, bv), _by_group_v(n, c, bv)]
+        out_shape += forward_out_shapes(groups, n, c, pk, pv, w.dtype)[:2]
+    return pl.pallas_call(
         functools.partial(_walk_outputs_kernel, precision=precision),
         grid=(groups, pv // bv),
         in_specs=[_by_group(n, c, pk), _by_group_v(n, c, bv), _by_group(n, c, pk), _by_group(n, pk, 1),
                   _by_group(n, c, pk), _by_group(n, c, c), _by_group_v(pk, bv)],
-        out_specs=[pl.BlockSpec((pl.squeezed, n * c, pl.squeezed, bv), lambda g, j: (g // heads, 0, g % heads, j)),
-                   _by_group_v(pk, bv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, n * c, heads, pv), w.dtype),
-                   jax.ShapeDtypeStruct((groups, pk, pv), F32)],
-        interpret=interpret, compiler_params=params, name="gdn_walk_outputs_fwd",
+        out_specs=out_specs, out_shape=out_shape, interpret=interpret, compiler_params=params,
+        name="gdn_walk_outputs_fwd",
     )(w, u, k_out, decay, q_in, attn, s0)
+
+
+def _walk_outputs_backward_kernel(w_ref, k_ref, d_ref, q_ref, a_ref, d_o_ref, d_final_ref, d_u_ref, d_next_ref,
+                                  d_s0_ref, *, precision):
+    """The reverse walk with the outputs' cotangents formed on the way (one program per group
+    and V-block): ``backward_step`` runs unchanged, its loads of dL/dS_n and dL/dV'_n from the
+    outputs being ``q_in_n^T dO_n`` ``[K, BV]`` and ``attn_n^T dO_n`` ``[C, BV]`` from d_o
+    ``[N*C, BV]`` (the group's rows of ``[B, T, H, V]``), float32 accumulation. Other refs as in
+    ``_walk_backward_kernel``."""
+    n_chunks, c = w_ref.shape[:2]
+    refs = dict(w=w_ref, k_out=k_ref, decay=d_ref, d_u=d_u_ref, d_next=d_next_ref)
+
+    def chunk(i, d_state):
+        n = n_chunks - 1 - i
+        d_o = d_o_ref[pl.ds(n * c, c), :]
+        from_outputs = dict(d_states=q_ref, d_v_new=a_ref)
+
+        def load(name):
+            if name in from_outputs:
+                return dot(from_outputs[name][n], d_o, precision, contract=((0,), (0,)))
+            return refs[name][n]
+
+        def store(name, value):
+            refs[name][n] = value.astype(refs[name].dtype)
+
+        return backward_step(load, store, d_state, precision)
+
+    d_s0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, d_final_ref[...].astype(F32)).astype(d_s0_ref.dtype)
+
+
+def _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final):
+    """``_walk_outputs_backward_kernel`` on flat groups: d_u ``[G, N, C, V]`` and d_next
+    ``[G, N, K, V]`` in the terms' dtype, d_s0 ``[G, K, V]`` float32 (``WalkCalls.backward``'s
+    outputs)."""
+    groups, n, c, pk = w.shape
+    pv = d_o.shape[-1]
+    bv = _block_v(pv)
+    interpret, params, precision = backend_params(w.dtype)
+    return pl.pallas_call(
+        functools.partial(_walk_outputs_backward_kernel, precision=precision),
+        grid=(groups, pv // bv),
+        in_specs=[_by_group(n, c, pk), _by_group(n, c, pk), _by_group(n, pk, 1), _by_group(n, c, pk),
+                  _by_group(n, c, c), _token_rows(heads, n * c, bv), _by_group_v(pk, bv)],
+        out_specs=[_by_group_v(n, c, bv), _by_group_v(n, pk, bv), _by_group_v(pk, bv)],
+        out_shape=backward_out_shapes(groups, n, c, pk, pv, w.dtype),
+        interpret=interpret, compiler_params=params, name="gdn_walk_outputs_bwd",
+    )(w, k_out, decay, q_in, attn, d_o, d_final)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _walk_outputs_fused_backward(heads, w, u, k_out, decay, q_in, attn, s0):
+    """``_walk_outputs_launch`` whose VJP is the reverse walk with the outputs' cotangents
+    formed inside it (``_walk_outputs_backward_kernel``), so the cotangents of the entry
+    states and of V' never reach HBM either."""
+    return tuple(_walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0))
+
+
+def _walk_outputs_fused_backward_fwd(heads, w, u, k_out, decay, q_in, attn, s0):
+    o, final, states, v_new = _walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=True)
+    return (o, final), (w, k_out, decay, q_in, attn, states, v_new)
+
+
+def _walk_outputs_fused_backward_bwd(heads, residuals, cotangents):
+    """The walk's gradients as in ``pallas_walk.make_walk``, plus those of q_in and attn
+    (``dO S^T`` and ``dO V'^T`` per chunk, batched matmuls over the whole V in XLA)."""
+    w, k_out, decay, q_in, attn, states, v_new = residuals
+    d_o, d_final = cotangents
+    d_o = d_o.astype(w.dtype)
+    d_u, d_next, d_s0 = _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final)
+    d_w, d_k_out, d_decay = chunk_gradients(states, v_new, d_u, d_next)
+    groups, n, c = w.shape[:3]
+    d_o = d_o.reshape(groups // heads, n, c, heads, -1)  # [B, N, C, H, V]: chunk rows of each group
+    d_q_in = mm("bnihv,bhnkv->bhnik", d_o, states.reshape(groups // heads, heads, *states.shape[1:]), dtype=w.dtype)
+    d_attn = mm("bnihv,bhnjv->bhnij", d_o, v_new.reshape(groups // heads, heads, *v_new.shape[1:]), dtype=w.dtype)
+    flat = lambda x: x.reshape(groups, *x.shape[2:]).astype(w.dtype)
+    return d_w, d_u, d_k_out, d_decay, flat(d_q_in), flat(d_attn), d_s0
+
+
+_walk_outputs_fused_backward.defvjp(_walk_outputs_fused_backward_fwd, _walk_outputs_fused_backward_bwd)
+
+
+def _walk_outputs_call(terms, initial_state, launch=_walk_outputs_launch):
+    """``launch`` (``_walk_outputs_launch`` or ``_walk_outputs_fused_backward``) on ``ChunkTerms``
+    ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the terms' dtype and the final state
+    ``[B, H, K, V]`` float32 (head dims padded as the walk's, the padding sliced off)."""
+    batch, heads, n, c, d_k = terms.w.shape
+    d_v = terms.u.shape[-1]
+    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
+    w, u, k_out, decay, s0 = flat_walk_inputs(terms, initial_state, pk, pv)
+    q_in = pad_trailing(terms.q_in.reshape(batch * heads, n, c, d_k), pk)
+    attn = terms.attn.reshape(batch * heads, n, c, c)
+    o, final = launch(heads, w, u, k_out, decay, q_in, attn, s0)
     return o[..., :d_v], final.reshape(batch, heads, pk, pv)[:, :, :d_k, :d_v]
 
 
@@ -297,4 +401,12 @@ def gpu_walk_outputs(terms, initial_state, seq_len):
     o ``[B, T, H, V]`` in the terms' dtype and the final state; differentiated, the walk and
     outputs kernels (``_walk_outputs_fwd``)."""
     o, final = _walk_outputs(terms, initial_state)
+    return o[:, :seq_len], final
+
+
+def gpu_walk_outputs_fused_backward(terms, initial_state, seq_len):
+    """``gpu_walk_outputs`` whose differentiated calls also run fused kernels: the forward walk
+    forms the outputs and keeps the entry states and V'; the reverse walk forms the outputs'
+    cotangents of both on the way (``_walk_outputs_fused_backward``)."""
+    o, final = _walk_outputs_call(terms, initial_state, _walk_outputs_fused_backward)
     return o[:, :seq_len], final
