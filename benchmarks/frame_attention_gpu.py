@@ -1,14 +1,15 @@
-"""A streamed frame's sliding-window attention over its ring cache: XLA masked softmax vs cuDNN.
+"""A streamed frame's sliding-window attention over its ring cache: XLA masked softmax vs cuDNN
+vs the Pallas flash kernel.
 
     python -m benchmarks.frame_attention_gpu [--out FILE]
-    python -m benchmarks.frame_attention_gpu --smoke     # small shapes, XLA only, any backend
+    python -m benchmarks.frame_attention_gpu --smoke     # small shapes, XLA and Pallas (interpreted), any backend
 
 One SWA layer of InfiniteVL-4B during streaming: T = 256 new tokens (a 448x448 frame) attend
 over a full ring of W - 1 = 8191 cached keys and themselves, Hq 16, Hkv 2, D 128, bf16, at stream
 index 100,000 (every slot holds a token; the window cuts each query's oldest keys). Both impls
 of ``masked_attention`` get the same explicit mask (``visibility`` over the slots' token
-indices, as ``SelfAttention`` builds it). Checks: cuDNN vs XLA (max relative error), and a row
-whose keys are all masked (left padding) returns zeros. Median ms of the jitted call. (In the
+indices, as ``SelfAttention`` builds it). Checks: cuDNN and Pallas vs XLA (max relative error),
+and a row whose keys are all masked (left padding) returns zeros. Median ms of the jitted call. (In the
 model the XLA form wins end to end, ``masked_impl``: see ``benchmarks.streaming_gpu``.)
 """
 
@@ -46,12 +47,12 @@ def frame_inputs(tokens, window, q_heads, kv_heads, head_dim, index):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_out_argument(parser, "frame_attention_gpu")
-    parser.add_argument("--smoke", action="store_true", help="small shapes, the XLA impl only; runs on the CPU")
+    parser.add_argument("--smoke", action="store_true", help="small shapes, no cuDNN; runs on the CPU")
     args = parser.parse_args(argv)
     device = announce_device(args.smoke)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     q, k, v, mask = frame_inputs(**shapes)
-    impls = ["xla"] if args.smoke else ["xla", "cudnn"]
+    impls = ["xla", "pallas"] if args.smoke else ["xla", "cudnn", "pallas"]
     outputs, rows = {}, []
     for impl in impls:
         fn = jax.jit(lambda q, k, v, mask, impl=impl: masked_attention(q, k, v, mask, impl=impl))

@@ -33,6 +33,7 @@ SETTINGS = {
     "default": dict(),
     "xla_cached_attention": dict(overrides=["--config.model.attention_impl=dense"]),  # frame SWA: XLA (as auto)
     "cudnn_cached_attention": dict(overrides=["--config.model.attention_impl=cudnn"]),  # frame SWA: cuDNN + bias
+    "pallas_cached_attention": dict(overrides=["--config.model.attention_impl=pallas"]),  # frame SWA: Pallas flash
     "no_command_buffers": dict(xla_flags="--xla_gpu_enable_command_buffer="),  # every thunk launched one by one
     "small_command_buffers": dict(xla_flags="--xla_gpu_graph_min_graph_size=1"),  # graphs even for short runs
     "cublas_gemms": dict(xla_flags="--xla_gpu_enable_triton_gemm=false"),  # cuBLAS for every GEMM

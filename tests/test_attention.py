@@ -65,13 +65,14 @@ def test_blockwise_gradients_match_dense(qkv):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_masked_impl_takes_cudnn_only_when_asked_for_a_chunk():
+def test_masked_impl_takes_cudnn_or_pallas_only_when_asked_for_a_chunk():
     chunk, step = jnp.zeros((1, CONCAT_PARTS_MIN_QUERIES, 2, 8)), jnp.zeros((1, 1, 2, 8))
-    assert [masked_impl(impl, chunk) for impl in ("auto", "dense", "blockwise", "cudnn")] == ["xla"] * 3 + ["cudnn"]
-    assert masked_impl("cudnn", step) == "xla"
+    assert [masked_impl(impl, chunk) for impl in ("auto", "dense", "blockwise", "cudnn", "pallas")] == \
+        ["xla"] * 3 + ["cudnn", "pallas"]
+    assert masked_impl("cudnn", step) == masked_impl("pallas", step) == "xla"
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         masked_impl("flash", chunk)
-    with pytest.raises(ValueError, match="must be 'xla' or 'cudnn'"):
+    with pytest.raises(ValueError, match="must be 'xla', 'cudnn' or 'pallas'"):
         masked_attention(chunk, chunk, chunk, jnp.ones((1, 16, 16), bool), impl="dense")
 
 
@@ -90,10 +91,12 @@ def test_masked_attention_with_ring_indices():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("t", [3, 20], ids=["parts_apart", "parts_joined"])
-def test_masked_attention_over_cache_parts(t):
+def test_masked_attention_over_cache_parts(t, impl):
     """Cache and new tokens as separate parts, per row a full ring and one with empty slots, one
-    query that sees nothing (zeros): below and above CONCAT_PARTS_MIN_QUERIES (16) queries."""
+    query that sees nothing (zeros): below and above CONCAT_PARTS_MIN_QUERIES (16) queries; the
+    XLA form and the Pallas flash kernel (interpreted; head dim 8 padded to 16)."""
     rng = np.random.default_rng(3)
     capacity, w = 9, 6
     index = np.array([15, 4])
@@ -109,7 +112,8 @@ def test_masked_attention_over_cache_parts(t):
         ref = attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=w, q_index=q_index, k_index=k_index,
                             k_valid=k_index >= 0)
         refs.append(np.where(mask.any(-1)[None, :, None, None], ref, 0))
-    out = masked_attention(q, (k[:, :capacity], k[:, capacity:]), (v[:, :capacity], v[:, capacity:]), np.stack(masks))
+    out = masked_attention(q, (k[:, :capacity], k[:, capacity:]), (v[:, :capacity], v[:, capacity:]), np.stack(masks),
+                           impl=impl)
     np.testing.assert_allclose(out, np.concatenate(refs), atol=2e-5, rtol=2e-5)
     assert not np.any(np.asarray(out)[:, 1])
 
@@ -140,3 +144,42 @@ def test_ring_slots_hold_exactly_the_newest_tokens(index, capacity):
     filled = slots[slots >= 0]
     assert sorted(filled) == list(range(max(0, index - capacity), index))
     assert all(slots[n % capacity] == n for n in filled)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 2e-2)])
+def test_masked_flash_kernel_over_several_blocks_matches_reference(dtype, tol):
+    """The Pallas flash kernel (interpreted) where its online softmax spans several key blocks
+    and its grid several query blocks: 70 queries (2 blocks of 64) over a 150-slot ring plus
+    themselves (220 keys, 4 blocks), GQA 4:2, head dim 24 (padded to 32), window 100, empty ring
+    slots in one row; float64 reference. bf16: the inputs and p rounded to bf16 (errors ~4e-3
+    of the largest output)."""
+    rng = np.random.default_rng(7)
+    capacity, t, w = 150, 70, 100
+    index = np.array([400, 60])
+    q = rng.normal(size=(2, t, 4, 24)).astype(np.float32)
+    k, v = (rng.normal(size=(2, capacity + t, 2, 24)).astype(np.float32) for _ in range(2))
+    masks, refs = [], []
+    for b in range(2):
+        k_index = np.concatenate([np.asarray(slot_token_index(index[b], capacity)), index[b] + np.arange(t)])
+        q_index = index[b] + np.arange(t)
+        masks.append(np.array(visibility(jnp.asarray(q_index), jnp.asarray(k_index), w, k_index >= 0)))
+        refs.append(attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=w, q_index=q_index, k_index=k_index,
+                                  k_valid=k_index >= 0))
+    cast = lambda x: jnp.asarray(x, dtype)
+    out = masked_attention(cast(q), cast(k), cast(v), np.stack(masks), impl="pallas")
+    assert out.dtype == jnp.dtype(dtype) and out.shape == q.shape
+    ref = np.concatenate(refs)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=tol * np.abs(ref).max(), rtol=0)
+
+
+def test_masked_flash_kernel_lowers_for_cuda_at_a_streamed_frame(monkeypatch):
+    """A 448x448 frame's call in InfiniteVL-4B's SWA layers: 256 queries, 16 query and 2 KV heads
+    of 128, over 8,191 ring slots plus the frame (8,447 keys, padded to 8,448), bf16: one Triton
+    kernel (lowered for CUDA on any host; PTX is compiled on the GPU)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    q, k = shape(1, 256, 16, 128), shape(1, 8447, 2, 128)
+    fn = lambda q, k, v, mask: masked_attention(q, k, v, mask, impl="pallas")
+    text = jax.jit(fn).trace(q, k, k, shape(1, 256, 8447, dtype=jnp.bool_)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "masked_flash_attention"' in text

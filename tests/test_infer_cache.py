@@ -84,7 +84,8 @@ def full_forward(model, ids):
 
 
 MODELS = {"hybrid": tiny_config(), "teacher": tiny_config(layer_types=("full_attention",) * 2),
-          "hybrid_blockwise": tiny_config(attention_impl="blockwise")}
+          "hybrid_blockwise": tiny_config(attention_impl="blockwise"),
+          "hybrid_pallas": tiny_config(attention_impl="pallas")}  # cached chunks of >= 16 queries: Pallas flash
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

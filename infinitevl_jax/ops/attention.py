@@ -12,11 +12,12 @@ Impls of ``attention`` (self-attention over one sequence, no cache):
 - ``"cudnn"``: cuDNN flash attention with ``local_window_size`` (GPU, bf16/fp16, no segments);
 - ``"blockwise"``: query blocks x key blocks with an online softmax; only the key blocks a query
   block can see are visited (O(T * min(T, W)) work, O(block^2) memory per step);
-- ``"auto"``: cuDNN where it applies, dense up to ``DENSE_MAX_LEN`` tokens, blockwise beyond.
+- ``"auto"``: cuDNN where it applies, dense up to ``DENSE_MAX_LEN`` tokens, blockwise beyond;
+- ``"pallas"``: ``"auto"`` here; it differs on the short cache path (below).
 
 ``masked_attention`` is the short cache path (a decode step, a short chunk): explicit query/key
-token indices and key validity (XLA; cuDNN with the mask as a bias when asked for, see
-``masked_impl``). ``chunk_attention`` is the long one (a prefill chunk after a cache): keys in
+token indices and key validity (XLA; when asked for, see ``masked_impl``: cuDNN with the mask
+as a bias, or the Pallas flash kernel of ``masked_flash``). ``chunk_attention`` is the long one (a prefill chunk after a cache): keys in
 stream order with a per-row first visible key; it runs flash attention
 (``attention``) where the chunk allows, else an online softmax over the visible key blocks.
 """
@@ -28,12 +29,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from infinitevl_jax.ops.masked_flash import masked_flash_attention
+
 DENSE_MAX_LEN = 1024
 # masked_attention joins its key/value parts (not their logits) from this many queries on.
 CONCAT_PARTS_MIN_QUERIES = 16
 _MASKED = -1e30
 
-IMPLS = ("auto", "dense", "cudnn", "blockwise")
+IMPLS = ("auto", "dense", "cudnn", "blockwise", "pallas")
 
 
 def visibility(q_index, k_index, window, k_valid=None):
@@ -62,14 +65,14 @@ def _check(q, k, v, window, segment_ids):
 
 def masked_impl(impl, q):
     """The ``masked_attention`` impl for attention impl ``impl`` and q ``[B, T, Hq, D]``:
-    ``"cudnn"`` only when asked for (``impl="cudnn"``) and there are at least
+    ``"cudnn"`` or ``"pallas"`` only when asked for (``impl`` the same) and there are at least
     ``CONCAT_PARTS_MIN_QUERIES`` queries (a chunk, e.g. a streamed frame), else ``"xla"``.
 
     ``"auto"`` keeps XLA: on an H200 the cuDNN form of a frame's window attention was 2.8x faster
     alone but a streamed 448x448 frame took 0.5-0.9 ms longer with it (18.1-18.2 vs 17.3-17.6 ms,
     benchmarks/RESULTS.md; why was not profiled)."""
     _check_impl(impl)
-    return "cudnn" if impl == "cudnn" and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES else "xla"
+    return impl if impl in ("cudnn", "pallas") and q.shape[1] >= CONCAT_PARTS_MIN_QUERIES else "xla"
 
 
 def masked_attention(q, k, v, mask, impl="xla"):
@@ -82,7 +85,8 @@ def masked_attention(q, k, v, mask, impl="xla"):
       impl: ``"xla"``: logits, masked softmax and the weighted sum in XLA; ``"cudnn"`` (GPU, bf16
         or fp16): cuDNN flash attention with the mask as an additive bias (one kernel; the XLA
         form of a streamed frame, 256 queries over an 8K window, writes and re-reads 138 MB of
-        float32 logits per layer).
+        float32 logits per layer); ``"pallas"`` (GPU, or interpreted on CPU): the flash kernel
+        of ``masked_flash``, the mask read as int8.
     Returns ``[B, T, Hq, D]`` in q's dtype. Rows with no visible key return zeros.
 
     Below ``CONCAT_PARTS_MIN_QUERIES`` queries (a decode step) the XLA form reads each part
@@ -90,16 +94,19 @@ def masked_attention(q, k, v, mask, impl="xla"):
     the logits instead copies ``Hq * T * S`` floats where joining keys and values copies
     ``2 * S * Hkv * D``.
     """
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"masked_attention impl must be 'xla' or 'cudnn'; got {impl!r}")
+    if impl not in ("xla", "cudnn", "pallas"):
+        raise ValueError(f"masked_attention impl must be 'xla', 'cudnn' or 'pallas'; got {impl!r}")
     k_parts, v_parts = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (k, v))
-    if len(k_parts) > 1 and (impl == "cudnn" or q.shape[1] >= CONCAT_PARTS_MIN_QUERIES):
+    if len(k_parts) > 1 and (impl != "xla" or q.shape[1] >= CONCAT_PARTS_MIN_QUERIES):
         k_parts = (jnp.concatenate([part.astype(k_parts[0].dtype) for part in k_parts], axis=1),)
         v_parts = (jnp.concatenate([part.astype(v_parts[0].dtype) for part in v_parts], axis=1),)
     if impl == "cudnn":
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k_parts[0].shape[1]))
         out = jax.nn.dot_product_attention(q, k_parts[0], v_parts[0], mask=mask[:, None], implementation="cudnn")
         return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
+    if impl == "pallas":
+        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k_parts[0].shape[1]))
+        return masked_flash_attention(q, k_parts[0], v_parts[0], mask)
     batch, t, hq, d = q.shape
     hkv = k_parts[0].shape[2]
     qg = q.reshape(batch, t, hkv, hq // hkv, d)
@@ -214,7 +221,7 @@ def _check_impl(impl):
 
 def _resolve(impl, q, window, segment_ids):
     _check_impl(impl)
-    if impl != "auto":
+    if impl not in ("auto", "pallas"):
         return impl
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -277,8 +284,10 @@ def chunk_attention(q, k, v, past_k, past_v, *, first_visible, window=None, impl
             or past_k.shape[2:] != k.shape[2:]:
         raise ValueError(f"past_k and past_v must both be [B, P, Hkv, D] matching k {k.shape}; "
                          f"got {past_k.shape} and {past_v.shape}")
-    if impl not in ("auto", "cudnn", "blockwise"):
-        raise ValueError(f"chunk_attention impl must be 'auto', 'cudnn' or 'blockwise'; got {impl!r}")
+    if impl not in ("auto", "cudnn", "blockwise", "pallas"):
+        raise ValueError(f"chunk_attention impl must be 'auto', 'cudnn', 'blockwise' or 'pallas' (= 'auto'); "
+                         f"got {impl!r}")
+    impl = "auto" if impl == "pallas" else impl
     past = past_k.shape[1]
     first_visible = jnp.broadcast_to(jnp.asarray(first_visible, jnp.int32), (q.shape[0],))
     keys = lambda: jnp.concatenate([past_k, k.astype(past_k.dtype)], axis=1)
