@@ -91,30 +91,36 @@ def test_masked_attention_with_ring_indices():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+def _ring_rows(seed, index, capacity, t, window, d):
+    """Two rows of a cached call: q ``[2, t, 4, d]``, k and v ``[2, capacity + t, 2, d]`` (ring
+    slots at stream ``index[b]``, then the new tokens) and per row the visibility mask (empty
+    slots invisible) and the float64 reference."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, t, 4, d)).astype(np.float32)
+    k, v = (rng.normal(size=(2, capacity + t, 2, d)).astype(np.float32) for _ in range(2))
+    masks, refs = [], []
+    for b in range(2):
+        k_index = np.concatenate([np.asarray(slot_token_index(index[b], capacity)), index[b] + np.arange(t)])
+        q_index = index[b] + np.arange(t)
+        masks.append(np.array(visibility(jnp.asarray(q_index), jnp.asarray(k_index), window, k_index >= 0)))
+        refs.append(attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=window, q_index=q_index,
+                                  k_index=k_index, k_valid=k_index >= 0))
+    return q, k, v, np.stack(masks), np.concatenate(refs)
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("t", [3, 20], ids=["parts_apart", "parts_joined"])
 def test_masked_attention_over_cache_parts(t, impl):
     """Cache and new tokens as separate parts, per row a full ring and one with empty slots, one
     query that sees nothing (zeros): below and above CONCAT_PARTS_MIN_QUERIES (16) queries; the
     XLA form and the Pallas flash kernel (interpreted; head dim 8 padded to 16)."""
-    rng = np.random.default_rng(3)
-    capacity, w = 9, 6
-    index = np.array([15, 4])
-    q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
-    k, v = (rng.normal(size=(2, capacity + t, 2, 8)).astype(np.float32) for _ in range(2))
-    masks, refs = [], []
-    for b in range(2):
-        k_index = np.concatenate([np.asarray(slot_token_index(index[b], capacity)), index[b] + np.arange(t)])
-        q_index = index[b] + np.arange(t)
-        mask = np.array(visibility(jnp.asarray(q_index), jnp.asarray(k_index), w, k_index >= 0))
-        mask[1] = False
-        masks.append(mask)
-        ref = attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=w, q_index=q_index, k_index=k_index,
-                            k_valid=k_index >= 0)
-        refs.append(np.where(mask.any(-1)[None, :, None, None], ref, 0))
-    out = masked_attention(q, (k[:, :capacity], k[:, capacity:]), (v[:, :capacity], v[:, capacity:]), np.stack(masks),
+    capacity = 9
+    q, k, v, mask, ref = _ring_rows(3, np.array([15, 4]), capacity, t, window=6, d=8)
+    mask[:, 1] = False
+    ref[:, 1] = 0.0
+    out = masked_attention(q, (k[:, :capacity], k[:, capacity:]), (v[:, :capacity], v[:, capacity:]), mask,
                            impl=impl)
-    np.testing.assert_allclose(out, np.concatenate(refs), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
     assert not np.any(np.asarray(out)[:, 1])
 
 
@@ -153,22 +159,10 @@ def test_masked_flash_kernel_over_several_blocks_matches_reference(dtype, tol):
     themselves (220 keys, 4 blocks), GQA 4:2, head dim 24 (padded to 32), window 100, empty ring
     slots in one row; float64 reference. bf16: the inputs and p rounded to bf16 (errors ~4e-3
     of the largest output)."""
-    rng = np.random.default_rng(7)
-    capacity, t, w = 150, 70, 100
-    index = np.array([400, 60])
-    q = rng.normal(size=(2, t, 4, 24)).astype(np.float32)
-    k, v = (rng.normal(size=(2, capacity + t, 2, 24)).astype(np.float32) for _ in range(2))
-    masks, refs = [], []
-    for b in range(2):
-        k_index = np.concatenate([np.asarray(slot_token_index(index[b], capacity)), index[b] + np.arange(t)])
-        q_index = index[b] + np.arange(t)
-        masks.append(np.array(visibility(jnp.asarray(q_index), jnp.asarray(k_index), w, k_index >= 0)))
-        refs.append(attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=w, q_index=q_index, k_index=k_index,
-                                  k_valid=k_index >= 0))
+    q, k, v, mask, ref = _ring_rows(7, np.array([400, 60]), capacity=150, t=70, window=100, d=24)
     cast = lambda x: jnp.asarray(x, dtype)
-    out = masked_attention(cast(q), cast(k), cast(v), np.stack(masks), impl="pallas")
+    out = masked_attention(cast(q), cast(k), cast(v), mask, impl="pallas")
     assert out.dtype == jnp.dtype(dtype) and out.shape == q.shape
-    ref = np.concatenate(refs)
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
