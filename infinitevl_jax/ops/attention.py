@@ -17,9 +17,10 @@ Impls of ``attention`` (self-attention over one sequence, no cache):
 
 ``masked_attention`` is the short cache path (a decode step, a short chunk): explicit query/key
 token indices and key validity (XLA; when asked for, see ``masked_impl``: cuDNN with the mask
-as a bias, or the Pallas flash kernel of ``masked_flash``). ``chunk_attention`` is the long one (a prefill chunk after a cache): keys in
-stream order with a per-row first visible key; it runs flash attention
-(``attention``) where the chunk allows, else an online softmax over the visible key blocks.
+as a bias, or the Pallas flash kernel of ``masked_flash``). ``chunk_attention`` is the long
+one (a prefill chunk after a cache): keys in stream order with a per-row first visible key; it
+runs flash attention (``attention``) where the chunk allows, else an online softmax over the
+visible key blocks.
 """
 
 from __future__ import annotations
