@@ -12,7 +12,7 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   interpreted on CPU. For forward-only calls (inference, prefill) ``pallas_triton`` forms the
   chunk-parallel terms in a Triton kernel (``pallas_gpu_terms``) and walks the chunks with the
   outputs formed on the way (``pallas_gpu.gpu_walk_outputs``: entry states and V' never reach
-  HBM; 12-30% faster than separate kernels on an H200). Differentiated, its terms are XLA's
+  HBM; 13-30% less time than separate kernels on an H200). Differentiated, its terms are XLA's
   (``chunked.prepare_chunks``) and so is their VJP (``pallas_gpu_terms.TERMS_BACKWARD =
   "kernel"`` swaps in a Triton backward for the terms, tested, and 1.06x slower than XLA's VJP
   on an H200), and the walk and the outputs are separate kernels, which keep what the reverse
