@@ -59,13 +59,20 @@ SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
 TERMS_BACKWARDS = ("xla", "kernel")
 
 
-def stages():
-    batch, seq_len = 1, 65536
+def xla_terms_setup(batch, seq_len):
+    """B x T inputs as ``gated_delta_rule`` passes them on (bf16 q/k/v, float32 g and beta), no
+    resets, a zero start state, and ``prepare(*inputs)``: XLA's bf16 chunk terms, jitted.
+    Returns ``(inputs, reset, s0, prepare)``."""
     q, k, v, g, beta = jax_args(make_inputs(batch, seq_len))
-    inputs = (q, k, v, g, beta.astype(jnp.float32))  # as gated_delta_rule passes them on
+    inputs = (q, k, v, g, beta.astype(jnp.float32))
     reset = segment_resets(None, seq_len, batch)
-    s0 = jnp.zeros((batch, H, K, V), jnp.float32)
     prepare = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, reset, matmul_dtype=jnp.bfloat16))
+    return inputs, reset, jnp.zeros((batch, H, K, V), jnp.float32), prepare
+
+
+def stages():
+    seq_len = 65536
+    inputs, reset, s0, prepare = xla_terms_setup(1, seq_len)
     prepare_kernel = jax.jit(lambda *a: pallas_gpu_terms.gpu_prepare_chunks(*a, K ** -0.5, reset, CHUNK_SIZE,
                                                                             jnp.bfloat16))
     terms = prepare(*inputs)
@@ -122,14 +129,11 @@ def launch_row(block_v, warps, num_stages):
     pallas_gpu.MAX_BLOCK_V = block_v
     pallas_gpu.TRITON_PARAMS = dict(num_warps=warps)
     pallas_gpu.NUM_STAGES_16BIT = num_stages
-    args = jax_args(make_inputs(1, 65536))
-    q, k, v, g, beta = args
-    terms = jax.jit(lambda *a: prepare_chunks(*a, K ** -0.5, segment_resets(None, 65536, 1),
-                                              matmul_dtype=jnp.bfloat16))(q, k, v, g, beta.astype(jnp.float32))
-    s0 = jnp.zeros((1, H, K, V), jnp.float32)
+    inputs, _, s0, prepare = xla_terms_setup(1, 65536)
+    args = (*inputs[:4], inputs[4].astype(jnp.bfloat16))  # bf16 beta, as jax_args gives it (exact)
     walk = jax.jit(lambda t, s: pallas_gpu.gpu_walk_outputs(t, s, 65536))
     return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10),
-                walk_ms=median_ms(walk, terms, s0, iters=10))
+                walk_ms=median_ms(walk, prepare(*inputs), s0, iters=10))
 
 
 def terms_backward_row(mode):

@@ -101,13 +101,12 @@ def masked_attention(q, k, v, mask, impl="xla"):
     if len(k_parts) > 1 and (impl != "xla" or q.shape[1] >= CONCAT_PARTS_MIN_QUERIES):
         k_parts = (jnp.concatenate([part.astype(k_parts[0].dtype) for part in k_parts], axis=1),)
         v_parts = (jnp.concatenate([part.astype(v_parts[0].dtype) for part in v_parts], axis=1),)
-    if impl == "cudnn":
+    if impl != "xla":  # one kernel over the joined parts and the full mask
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k_parts[0].shape[1]))
+        if impl == "pallas":
+            return masked_flash_attention(q, k_parts[0], v_parts[0], mask)
         out = jax.nn.dot_product_attention(q, k_parts[0], v_parts[0], mask=mask[:, None], implementation="cudnn")
         return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
-    if impl == "pallas":
-        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k_parts[0].shape[1]))
-        return masked_flash_attention(q, k_parts[0], v_parts[0], mask)
     batch, t, hq, d = q.shape
     hkv = k_parts[0].shape[2]
     qg = q.reshape(batch, t, hkv, hq // hkv, d)

@@ -15,7 +15,7 @@ Query head h reads KV head ``h // (Hq // Hkv)`` (GQA). The mask arrives as int8 
 keys, values and mask are padded to a multiple of ``BLOCK_K`` keys (masked), queries to a
 multiple of ``BLOCK_Q``, the head dim to a power of two (zeros change no dot product). q k^T and
 p v take the inputs' dtype with float32 accumulation (p rounded to v's dtype, as XLA's form
-does). GPU lowering is Triton, chosen explicitly; on CPU the kernel runs in interpret mode.
+does). Backend and lowering: ``triton_launch``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from infinitevl_jax.ops.triton_launch import next_power_of_two, triton_backend
+
 BLOCK_Q = 64
 BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
 _MASKED = -1e30
-
-
-def _next_power_of_two(x, minimum=16):
-    return max(minimum, 1 << (x - 1).bit_length())
 
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, scale):
@@ -81,18 +79,12 @@ def masked_flash_attention(q, k, v, mask):
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if mask.shape != (batch, t, s):
         raise ValueError(f"mask must be [B, T, S] = {(batch, t, s)}; got {mask.shape}")
+    interpret, params = triton_backend(NUM_WARPS, NUM_STAGES)
     groups = hq // hkv
-    t_pad, s_pad, d_pad = -(-t // BLOCK_Q) * BLOCK_Q, -(-s // BLOCK_K) * BLOCK_K, _next_power_of_two(d)
+    t_pad, s_pad, d_pad = -(-t // BLOCK_Q) * BLOCK_Q, -(-s // BLOCK_K) * BLOCK_K, next_power_of_two(d)
     q = _pad_axis(_pad_axis(q, 1, t_pad), 3, d_pad)
     k, v = (_pad_axis(_pad_axis(x.astype(q.dtype), 1, s_pad), 3, d_pad) for x in (k, v))
     mask = _pad_axis(_pad_axis(mask.astype(jnp.int8), 1, t_pad), 2, s_pad)
-    backend = jax.default_backend()
-    if backend not in ("gpu", "cpu"):
-        raise ValueError(f"masked_flash_attention is a Triton kernel (GPU, or interpreted on CPU), not for {backend!r}")
-    interpret, params = backend == "cpu", None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-        params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     per_query_block = lambda: pl.BlockSpec((pl.squeezed, BLOCK_Q, pl.squeezed, d_pad), lambda b, h, i: (b, i, h, 0))
     kv_head = pl.BlockSpec((pl.squeezed, s_pad, pl.squeezed, d_pad), lambda b, h, i: (b, 0, h // groups, 0))
     out = pl.pallas_call(

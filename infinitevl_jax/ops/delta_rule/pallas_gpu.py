@@ -11,9 +11,9 @@ outputs formed on the way (``gpu_walk_outputs``). ``gpu_walk_outputs_fused_backw
 differentiated calls the same way: its forward walk also keeps the entry states and V', and its
 reverse walk forms the outputs' cotangents of both itself.
 
-GPU lowering is Triton, chosen explicitly through ``compiler_params`` (jax 0.11 would otherwise
-lower ``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run
-in interpret mode (tests).
+GPU lowering is Triton, chosen explicitly (``triton_launch``: jax 0.11 would otherwise lower
+``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run in
+interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
 from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
                                                      chunk_gradients, dot, flat_walk_inputs, forward_out_shapes,
                                                      forward_step, make_walk, pad_trailing, walk_states_with)
+from infinitevl_jax.ops.triton_launch import next_power_of_two, triton_backend
 # Measured on an H200 at B1 T65536 forward (benchmarks/delta_rule_gpu_tuning.py, RESULTS.md):
 # V-blocks of 32 (128 programs for 16 heads, filling the GPU) with 4 warps; pipeline stages on
 # the chunk loop: 3 for 16-bit terms (6.65 ms end to end against 7.15 ms with 2; 64- and
@@ -42,7 +43,6 @@ NUM_STAGES_F32 = 2
 # first traced (Pallas caches traced kernels): benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting.
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-MIN_DOT_DIM = 16  # Triton's smallest dot operand dimension
 
 
 def _chunk_io(n, refs: dict):
@@ -88,15 +88,11 @@ def backend_params(terms_dtype):
     state; IEEE float32 (``HIGHEST``) ran ~30x slower than TF32 end to end at 64-wide V-blocks
     (benchmarks/delta_rule_gpu.py) and runs out of resources at the chosen launch settings.
     """
-    backend = jax.default_backend()
-    if backend == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-        f32 = terms_dtype == F32
-        params = pltriton.CompilerParams(**TRITON_PARAMS, num_stages=NUM_STAGES_F32 if f32 else NUM_STAGES_16BIT)
-        return False, params, GPU_PRECISION if f32 else None
-    if backend == "cpu":
+    f32 = terms_dtype == F32
+    interpret, params = triton_backend(num_stages=NUM_STAGES_F32 if f32 else NUM_STAGES_16BIT, **TRITON_PARAMS)
+    if interpret:
         return True, None, jax.lax.Precision.HIGHEST
-    raise ValueError(f"the Triton kernels run on GPU (or interpreted on CPU), not on {backend!r}")
+    return False, params, GPU_PRECISION if f32 else None
 
 
 # BlockSpecs over the grid (group g = batch x head, V-block j); the group axis is squeezed.
@@ -146,10 +142,6 @@ def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
         out_shape=backward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
         interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd",
     )(w, k_out, decay, d_states, d_v_new, d_final)
-
-
-def next_power_of_two(x, minimum=MIN_DOT_DIM):
-    return max(minimum, 1 << (x - 1).bit_length())
 
 
 _walk = make_walk(WalkCalls(_forward_call, _backward_call))

@@ -49,8 +49,9 @@ from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.chunk_math import pad_to_chunks, to_chunks
 from infinitevl_jax.ops.delta_rule.chunked import ChunkTerms, prepare_chunks, token_decays
-from infinitevl_jax.ops.delta_rule.pallas_gpu import backend_params, next_power_of_two
+from infinitevl_jax.ops.delta_rule.pallas_gpu import backend_params
 from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot, pad_trailing
+from infinitevl_jax.ops.triton_launch import next_power_of_two
 
 MAX_BLOCK_V_TERMS = 128  # U is formed in V-blocks of this width (bounds the registers it takes)
 # The VJP of differentiated calls: "xla" (prepare_chunks' own, the default: the faster on an
