@@ -133,5 +133,6 @@ def main(argv=None):
                   f"({r['fps_latency']:.1f} FPS per frame, target {TARGET_FPS:.0f})")
     save(complete=True)
 
+
 if __name__ == "__main__":
     main()
