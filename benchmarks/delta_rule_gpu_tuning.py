@@ -1,7 +1,7 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
-        [--sections stages kernels precision launch terms_backward]
+        [--sections stages kernels precision launch terms_backward mosaic]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
@@ -19,9 +19,16 @@
 4. terms_backward: forward+backward at B1 T65536 and B8 T4096 with the chunk terms' VJP by XLA
    and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``), and each one's
    largest gradient error against the chunked impl at B1 T4096.
+5. mosaic: the Mosaic GPU walk (``pallas_mosaic_gpu``) per V-block width, TMA ring slots and
+   cluster size (``BLOCK_V``, ``STAGES``, ``CLUSTER``; a cluster of 1 reads every tile per
+   V-block as the Triton walk does): its largest error against the Triton fused walk on the
+   same XLA chunk terms at B1 T4096 (relative to the largest entry), then the walk alone (and
+   the Triton fused walk alone, its peer in the same process) and the whole forward at B1
+   T65536, and the whole forward at B8 T4096.
 
-Pallas caches traced kernels, so every precision, launch and terms_backward setting runs in a
-fresh process, and each is saved as soon as it is measured.
+Pallas caches traced kernels, so every precision, launch, terms_backward and mosaic setting runs
+in a fresh process (a setting that hangs or fails is recorded as such and the sweep goes on),
+and each is saved as soon as it is measured.
 The split walk's sweep (``--sections split``) ran at commit c886313 and was removed with that
 walk (benchmarks/RESULTS.md).
 H16 d_k 128 d_v 256 as in benchmarks/delta_rule_gpu.py.
@@ -41,7 +48,8 @@ from benchmarks.common import device_description, median_ms, print_table, write_
 from benchmarks.delta_rule_gpu import H, K, V, jax_args, make_inputs
 from benchmarks.delta_rule_setup import forward, forward_backward
 from benchmarks.kernel_profile import profile
-from infinitevl_jax.ops.delta_rule import gated_delta_rule, pallas_gpu, pallas_gpu_terms, segment_resets
+from infinitevl_jax.ops.delta_rule import (gated_delta_rule, pallas_gpu, pallas_gpu_terms, pallas_mosaic_gpu,
+                                           segment_resets)
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunk_outputs, prepare_chunks, walk_states
 
 PRECISIONS = {
@@ -53,9 +61,11 @@ PRECISIONS = {
 }
 # (V-block, num_warps, num_stages); session 9 swept 32-128 x 4/8 warps x 2/3 stages on the unfused walk
 LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 2)]
+# (V-block, ring slots, cluster) of the Mosaic GPU walk; the first is its default
+MOSAIC_LAUNCHES = [(32, 3, 8), (32, 3, 1), (32, 2, 8), (32, 4, 8), (32, 3, 4), (64, 3, 4), (64, 3, 1), (64, 2, 4)]
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
-SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward")
+SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic")
 TERMS_BACKWARDS = ("xla", "kernel")
 
 
@@ -136,6 +146,27 @@ def launch_row(block_v, warps, num_stages):
                 walk_ms=median_ms(walk, prepare(*inputs), s0, iters=10))
 
 
+def mosaic_row(block_v, stages, cluster):
+    """The Mosaic GPU walk at one launch setting: its error against the Triton fused walk on the
+    same chunk terms (B1 T4096), then ms of the walk alone, of the Triton fused walk alone (its
+    peer in the same process) and of the whole forward."""
+    pallas_mosaic_gpu.BLOCK_V, pallas_mosaic_gpu.STAGES, pallas_mosaic_gpu.CLUSTER = block_v, stages, cluster
+    walks = {name: jax.jit(lambda t, s, fn=fn: fn(t, s, 4096))
+             for name, fn in (("mosaic", pallas_mosaic_gpu.mosaic_walk_outputs), ("triton", pallas_gpu.gpu_walk_outputs))}
+    inputs, _, s0, prepare = xla_terms_setup(1, 4096)
+    terms = prepare(*inputs)
+    (o, final), (want_o, want_final) = (walks[name](terms, s0 + 1.0) for name in ("mosaic", "triton"))
+    err = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b.astype(jnp.float32)).max())
+    row = dict(o_rel_err=err(o, want_o), state_rel_err=err(final, want_final))
+    inputs, _, s0, prepare = xla_terms_setup(1, 65536)
+    terms = prepare(*inputs)
+    for name, fn in (("walk_ms", pallas_mosaic_gpu.mosaic_walk_outputs), ("triton_walk_ms", pallas_gpu.gpu_walk_outputs)):
+        row[name] = median_ms(jax.jit(lambda t, s, fn=fn: fn(t, s, 65536)), terms, s0, iters=10)
+    forward_ms = lambda batch, seq_len: median_ms(forward("pallas_mosaic_gpu"),
+                                                  *jax_args(make_inputs(batch, seq_len)), iters=10)
+    return dict(row, ms=forward_ms(1, 65536), B8_T4096_ms=forward_ms(8, 4096))
+
+
 def terms_backward_row(mode):
     """Forward+backward with the chunk terms' VJP ``mode``: ms at two shapes, and the largest
     relative gradient error against the chunked impl."""
@@ -180,7 +211,7 @@ def fresh_process_sweep(kind, settings, label, save):
 def _shown(row):
     """A table row with failed settings marked, and float errors in scientific notation."""
     if row["ms"] is None:
-        return {**row, "ms": "failed", "walk_ms": "-", "o_rel_err": "-", "state_rel_err": "-"}
+        return {**dict.fromkeys(("walk_ms", "triton_walk_ms", "o_rel_err", "state_rel_err", "B8_T4096_ms"), "-"), **row, "ms": "failed"}
     return {k: (f"{v:.1e}" if k.endswith("rel_err") else v) for k, v in row.items()}
 
 
@@ -194,7 +225,7 @@ def main(argv=None):
     if args.one:
         kind, *rest = args.one
         rows = dict(precision=lambda: precision_row(*rest), terms_backward=lambda: terms_backward_row(*rest),
-                    launch=lambda: launch_row(*map(int, rest)))
+                    launch=lambda: launch_row(*map(int, rest)), mosaic=lambda: mosaic_row(*map(int, rest)))
         print(json.dumps(rows[kind]()))
         return
     if jax.default_backend() != "gpu":
@@ -235,6 +266,13 @@ def main(argv=None):
                                             lambda s: dict(terms_backward=s[0]), lambda rows: save(terms_backward=rows))
         columns = list(dict.fromkeys(key for row in backward_rows for key in row))  # a failed row has ms/error
         print_table([{key: row.get(key, "-") for key in columns} for row in backward_rows], columns)
+    if "mosaic" in args.sections:
+        mosaic_columns = ("block_v", "stages", "cluster")
+        mosaic_rows = fresh_process_sweep("mosaic", MOSAIC_LAUNCHES, lambda s: dict(zip(mosaic_columns, s)),
+                                          lambda rows: save(mosaic=rows))
+        print_table([_shown(r) for r in mosaic_rows],
+                    [*mosaic_columns, "o_rel_err", "state_rel_err", "walk_ms", "triton_walk_ms", "ms",
+                     "B8_T4096_ms"])
     save(sections=args.sections, complete=True)
 
 

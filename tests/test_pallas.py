@@ -1,5 +1,6 @@
 """The Pallas kernels (interpreted on CPU) with several V-blocks and odd head dims, the TPU
-kernels lowered for TPU (Mosaic) and the GPU kernels lowered for CUDA (Triton), without either."""
+kernels lowered for TPU (Mosaic) and the GPU kernels lowered for CUDA (Triton and Mosaic GPU),
+without either."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from infinitevl_jax.ops.delta_rule import (CHUNK_SIZE, gated_delta_rule, pallas_gpu, pallas_gpu_terms, pallas_tpu,
-                                           segment_resets)
+from infinitevl_jax.ops.delta_rule import (CHUNK_SIZE, gated_delta_rule, pallas_gpu, pallas_gpu_terms,
+                                           pallas_mosaic_gpu, pallas_tpu, segment_resets)
 from infinitevl_jax.ops.delta_rule.chunked import prepare_chunks
 from tests.reference.delta_rule import gated_delta_rule_ref
 
@@ -68,6 +69,49 @@ def test_fused_walk_outputs_equal_the_two_kernels():
     o, fused_o = np.asarray(o, np.float32), np.asarray(fused_o, np.float32)
     np.testing.assert_allclose(fused_o, o, rtol=0, atol=2.0 ** -8 * np.abs(o).max())
     np.testing.assert_allclose(fused_state, state, rtol=0, atol=1e-6 * np.abs(np.asarray(state)).max())
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_mosaic_gpu_walk_matches_reference_and_the_triton_walk(monkeypatch, stages):
+    """The Mosaic GPU walk (interpreted; bf16 terms, the only ones it takes) over 7 chunks, more
+    than its ring of ``stages`` slots, and 3 V-blocks (d_v 80 padded to 96), d_k 24 padded to
+    64, resets, a g = -20 step and an initial state: against the float64 reference on the
+    bf16-rounded inputs to bf16 accuracy, and equal to ``pallas_triton``'s fused walk (the same
+    bf16 roundings of S and V') to float32 summation order, o within one bf16 rounding.
+    Measured (3 stages): o 4.4e-3 and state 3.7e-3 of the largest entry against the reference,
+    as the Triton walk's; o 2.5e-4 and state 0 against it."""
+    monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", stages)
+    seq_len = 7 * CHUNK_SIZE - 20
+    rng = np.random.default_rng(10)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = (jnp.asarray(unit(rng.normal(size=(B, seq_len, H, K))), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(B, seq_len, H, 80)), jnp.bfloat16)
+    g = rng.uniform(-0.3, -0.01, size=(B, seq_len, H)).astype(np.float32)
+    g[:, 150] = -20.0
+    beta = jnp.asarray(rng.uniform(0.05, 0.95, size=(B, seq_len, H)), jnp.bfloat16)
+    s0 = rng.normal(size=(B, H, K, 80)).astype(np.float32)
+    ids = np.zeros((B, seq_len), np.int32)
+    ids[1, 200:] = 1
+    run = lambda impl: jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=a[6], impl=impl))(
+        q, k, v, g, beta, s0, ids)
+    (o, state), (triton_o, triton_state) = run("pallas_mosaic_gpu"), run("pallas_triton")
+    assert o.dtype == jnp.bfloat16 and o.shape == v.shape and state.shape == s0.shape
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref_o, ref_state = gated_delta_rule_ref(*map(f64, (q, k, v, g, beta)), initial_state=s0, segment_ids=ids)
+    for name, have, want, tol in (("o", o, ref_o, 2e-2), ("state", state, ref_state, 1e-2),
+                                  ("o vs triton", o, triton_o, 2.0 ** -8), ("state vs triton", state, triton_state, 1e-5)):
+        want = f64(want)
+        np.testing.assert_allclose(f64(have), want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
+
+
+def test_mosaic_gpu_impl_hands_float32_and_gradients_to_the_triton_kernels():
+    """float32 terms and differentiated calls run ``pallas_triton``'s kernels: equal results."""
+    (q, k, v, g, beta, s0), ids = _inputs(seed=11)
+    loss = lambda impl: lambda q, s0: jnp.sum(
+        gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl)[0] ** 2)
+    for fn in (lambda impl: jax.jit(loss(impl))(q, s0), lambda impl: jax.jit(jax.grad(loss(impl), (0, 1)))(q, s0)):
+        for have, want in zip(jax.tree.leaves(fn("pallas_mosaic_gpu")), jax.tree.leaves(fn("pallas_triton"))):
+            np.testing.assert_array_equal(have, want)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
@@ -203,6 +247,25 @@ def test_terms_backward_kernel_matches_xla_vjp(monkeypatch, dtype, tol):
         want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
         assert want.shape == have.shape, name
         np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("cluster", [8, 1])
+def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluster):
+    """The Mosaic GPU kernel lowers for CUDA on any host (Mosaic GPU's lowering runs here; the
+    module is compiled on the GPU): d_k 128, d_v 256, chunk 64, bf16; with a cluster of 8
+    V-blocks multicasting the K-wide tiles (the path the interpreter cannot run) and without.
+    Forward-only calls run it beside the Triton terms kernel; differentiated calls do not."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compile, not the interpreters
+    monkeypatch.setattr(pallas_mosaic_gpu, "CLUSTER", cluster)
+    shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+    q = k = shape(1, 512, 2, 128)
+    v = shape(1, 512, 2, 256)
+    g, beta = shape(1, 512, 2, dt=jnp.float32), shape(1, 512, 2)
+    loss = lambda *a: jnp.sum(gated_delta_rule(*a, impl="pallas_mosaic_gpu")[0].astype(jnp.float32))
+    lower = lambda fn: jax.jit(fn).trace(q, k, v, g, beta).lower(lowering_platforms=("cuda",)).as_text()
+    forward = lower(loss)
+    assert forward.count("mosaic_gpu_v2") == 1 and forward.count("__gpu$xla.gpu.triton") == 1
+    assert "mosaic_gpu_v2" not in lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
 # What each Triton impl's call lowers to, forward only and differentiated (the terms' VJP by

@@ -23,6 +23,11 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   reverse walk forms the outputs' cotangents of both on the way (``pallas_gpu.
   gpu_walk_outputs_fused_backward``: those cotangents never reach HBM). Tested in interpret
   mode and lowered for CUDA; not yet timed on a GPU, so ``"pallas"`` does not pick it;
+- ``"pallas_mosaic_gpu"``: ``pallas_triton`` whose forward-only calls with 16-bit terms walk in
+  a Mosaic GPU (Hopper) kernel instead (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA,
+  each chunk's K-wide tiles multicast to a head's V-block programs in a cluster). Tested in the
+  Mosaic GPU interpreter and lowered for CUDA; not yet run on a GPU, so ``"pallas"`` does not
+  pick it;
 - ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only
   calls in separate kernels (the default before the fused kernel was measured faster on an
   H200; kept for comparison in benchmarks/delta_rule_gpu.py);
@@ -51,6 +56,7 @@ from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delt
 from infinitevl_jax.ops.delta_rule.pallas_gpu import (gpu_chunk_outputs, gpu_walk_outputs,
                                                     gpu_walk_outputs_fused_backward, gpu_walk_states)
 from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
+from infinitevl_jax.ops.delta_rule.pallas_mosaic_gpu import mosaic_walk_outputs
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
@@ -65,6 +71,8 @@ IMPLS = {
                                                walk=gpu_walk_states, outputs=gpu_chunk_outputs),
     "pallas_triton_xla_terms": functools.partial(chunked_gated_delta_rule, walk=gpu_walk_states,
                                                  outputs=gpu_chunk_outputs),
+    "pallas_mosaic_gpu": functools.partial(chunked_gated_delta_rule, prepare=gpu_prepare_chunks,
+                                           walk_outputs=mosaic_walk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
 

@@ -370,11 +370,6 @@ def _unfused_walk_outputs(terms, initial_state):
     return _outputs(terms.q_in, terms.attn, entry_states, v_new), final
 
 
-@jax.custom_vjp
-def _walk_outputs(terms, initial_state):
-    return _walk_outputs_call(terms, initial_state)
-
-
 def _walk_outputs_fwd(terms, initial_state):
     """Differentiated calls run the two kernels, which keep the entry states and V' the
     backward needs."""
@@ -385,7 +380,15 @@ def _walk_outputs_bwd(vjp, cotangents):
     return vjp(cotangents)
 
 
-_walk_outputs.defvjp(_walk_outputs_fwd, _walk_outputs_bwd)
+def fused_forward(call):
+    """``call(terms, initial_state) -> (o, final)`` (a fused walk-and-outputs kernel) as a
+    ``custom_vjp`` whose differentiated calls run the walk and outputs kernels instead."""
+    fused = jax.custom_vjp(lambda terms, initial_state: call(terms, initial_state))
+    fused.defvjp(_walk_outputs_fwd, _walk_outputs_bwd)
+    return fused
+
+
+_walk_outputs = fused_forward(_walk_outputs_call)
 
 
 def gpu_walk_outputs(terms, initial_state, seq_len):
