@@ -104,6 +104,14 @@ def test_mosaic_gpu_walk_matches_reference_and_the_triton_walk(monkeypatch, stag
         np.testing.assert_allclose(f64(have), want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
 
 
+def test_mosaic_gpu_walk_names_a_ring_too_big_for_shared_memory(monkeypatch):
+    monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", 4)  # 4 x 60 KiB of chunk tiles at d_k 128
+    x = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    g = jnp.zeros((1, 64, 1), jnp.float32)
+    with pytest.raises(ValueError, match=r"needs 276 KiB of shared memory .* lower STAGES or BLOCK_V"):
+        gated_delta_rule(x, x, jnp.zeros((1, 64, 1, 32), jnp.bfloat16), g, g, impl="pallas_mosaic_gpu")
+
+
 def test_mosaic_gpu_impl_hands_float32_and_gradients_to_the_triton_kernels():
     """float32 terms and differentiated calls run ``pallas_triton``'s kernels: equal results."""
     (q, k, v, g, beta, s0), ids = _inputs(seed=11)

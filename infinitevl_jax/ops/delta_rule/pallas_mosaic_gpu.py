@@ -45,6 +45,7 @@ BLOCK_V = 32
 STAGES = 3
 CLUSTER = 8
 WGMMA_ROWS = 64  # a WGMMA's M: the chunk size and the padded K are multiples of it
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 DECAY_LANES = 32  # the chunk decay repeated to 128 bytes, TMA's smallest copy for a warpgroup
 
 
@@ -148,6 +149,14 @@ def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final
         plgpu.Barrier(num_arrivals=6, num_barriers=stages), consumed, plgpu.Barrier())
 
 
+def smem_bytes(c: int, pk: int, bv: int, stages: int, itemsize: int = 2) -> int:
+    """Shared memory the kernel allocates: the ring (w, k_out^T, q_in ``[C, K]``, attn ``[C, C]``,
+    u ``[C, BV]``, the decay row), S and V' as WGMMA operands, two output tiles and the float32
+    start/final state."""
+    ring = stages * ((3 * c * pk + c * c + c * bv) * itemsize + DECAY_LANES * 4)
+    return ring + (pk * bv + 3 * c * bv) * itemsize + pk * bv * 4
+
+
 def _launch(heads, w, u, k_t, decay, q_in, attn, s0, *, bv, stages, cluster):
     """The kernel on flat groups G = batch x heads: w, q_in ``[G, N, C, K]``, k_t ``[G, N, K, C]``,
     attn ``[G, N, C, C]``, u ``[G, N, C, V]`` (16-bit), decay ``[G, N, DECAY_LANES]`` and s0
@@ -156,6 +165,9 @@ def _launch(heads, w, u, k_t, decay, q_in, attn, s0, *, bv, stages, cluster):
     from jax.experimental.pallas import mosaic_gpu as plgpu
     groups, n, c, pk = w.shape
     pv = u.shape[-1]
+    if (need := smem_bytes(c, pk, bv, stages, w.dtype.itemsize)) > SMEM_BYTES:
+        raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv} "
+                         f"and {stages} ring slots; a block has {SMEM_BYTES // 1024} KiB: lower STAGES or BLOCK_V")
     mesh = dict(grid=(groups, pv // bv // cluster), grid_names=("g", "vb"))
     if cluster > 1:
         mesh.update(cluster=(cluster,), cluster_names=("cluster",))
