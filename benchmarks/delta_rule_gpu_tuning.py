@@ -1,7 +1,7 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
-        [--sections stages kernels precision launch terms_backward mosaic]
+        [--sections stages kernels precision launch terms_backward mosaic terms_launch]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
@@ -25,9 +25,13 @@
    same XLA chunk terms at B1 T4096 (relative to the largest entry), then the walk alone (and
    the Triton fused walk alone, its peer in the same process) and the whole forward at B1
    T65536, and the whole forward at B8 T4096.
+6. terms_launch: warps per program of the Triton chunk-terms kernel
+   (``pallas_gpu_terms.TERMS_NUM_WARPS``; the walk keeps its own): the kernel alone (bf16
+   inputs, as forward-only calls run it) at B1 T65536 and B8 T4096, beside XLA's
+   ``prepare_chunks`` in the same process, and the whole forward at B1 T65536.
 
-Pallas caches traced kernels, so every precision, launch, terms_backward and mosaic setting runs
-in a fresh process (a setting that hangs or fails is recorded as such and the sweep goes on),
+Pallas caches traced kernels, so every precision, launch, terms_backward, mosaic and terms_launch
+setting runs in a fresh process (a setting that hangs or fails is recorded as such and the sweep goes on),
 and each is saved as soon as it is measured.
 The split walk's sweep (``--sections split``) ran at commit c886313 and was removed with that
 walk (benchmarks/RESULTS.md).
@@ -64,9 +68,10 @@ LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 
 # (V-block, ring slots, cluster) of the Mosaic GPU walk; the first is its default
 # (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes)
 MOSAIC_LAUNCHES = [(32, 3, 8), (32, 3, 1), (32, 2, 8), (32, 2, 1), (32, 3, 4), (64, 2, 4), (64, 2, 1), (64, 2, 2)]
+TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAMS)
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
-SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic")
+SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch")
 TERMS_BACKWARDS = ("xla", "kernel")
 
 
@@ -168,6 +173,22 @@ def mosaic_row(block_v, stages, cluster):
     return dict(row, ms=forward_ms(1, 65536), B8_T4096_ms=forward_ms(8, 4096))
 
 
+def terms_launch_row(num_warps):
+    """The chunk-terms kernel with ``num_warps`` per program: ms alone at two shapes (XLA's
+    ``prepare_chunks`` beside it) and of the whole forward at B1 T65536."""
+    pallas_gpu_terms.TERMS_NUM_WARPS = num_warps
+    row = {}
+    for batch, seq_len in ((1, 65536), (8, 4096)):
+        inputs, reset, _, prepare = xla_terms_setup(batch, seq_len)
+        inputs = (*inputs[:4], inputs[4].astype(jnp.bfloat16))
+        kernel = jax.jit(lambda *a, reset=reset: pallas_gpu_terms.gpu_prepare_chunks(*a, K ** -0.5, reset, CHUNK_SIZE,
+                                                                                     jnp.bfloat16))
+        row[f"B{batch}_T{seq_len}_ms"] = median_ms(kernel, *inputs, iters=10)
+        row[f"B{batch}_T{seq_len}_xla_ms"] = median_ms(prepare, *inputs, iters=10)
+    row["ms"] = median_ms(forward("pallas"), *jax_args(make_inputs(1, 65536)), iters=10)
+    return row
+
+
 def terms_backward_row(mode):
     """Forward+backward with the chunk terms' VJP ``mode``: ms at two shapes, and the largest
     relative gradient error against the chunked impl."""
@@ -226,7 +247,8 @@ def main(argv=None):
     if args.one:
         kind, *rest = args.one
         rows = dict(precision=lambda: precision_row(*rest), terms_backward=lambda: terms_backward_row(*rest),
-                    launch=lambda: launch_row(*map(int, rest)), mosaic=lambda: mosaic_row(*map(int, rest)))
+                    launch=lambda: launch_row(*map(int, rest)), mosaic=lambda: mosaic_row(*map(int, rest)),
+                    terms_launch=lambda: terms_launch_row(int(*rest)))
         print(json.dumps(rows[kind]()))
         return
     if jax.default_backend() != "gpu":
@@ -274,6 +296,11 @@ def main(argv=None):
         print_table([_shown(r) for r in mosaic_rows],
                     [*mosaic_columns, "o_rel_err", "state_rel_err", "walk_ms", "triton_walk_ms", "ms",
                      "B8_T4096_ms"])
+    if "terms_launch" in args.sections:
+        terms_rows = fresh_process_sweep("terms_launch", [(warps,) for warps in TERMS_WARPS],
+                                         lambda s: dict(num_warps=s[0]), lambda rows: save(terms_launch=rows))
+        columns = list(dict.fromkeys(key for row in terms_rows for key in row))
+        print_table([{key: row.get(key, "-") for key in columns} for row in terms_rows], columns)
     save(sections=args.sections, complete=True)
 
 

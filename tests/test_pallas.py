@@ -2,6 +2,8 @@
 kernels lowered for TPU (Mosaic) and the GPU kernels lowered for CUDA (Triton and Mosaic GPU),
 without either."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,6 +276,19 @@ def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluste
     forward = lower(loss)
     assert forward.count("mosaic_gpu_v2") == 1 and forward.count("__gpu$xla.gpu.triton") == 1
     assert "mosaic_gpu_v2" not in lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def test_terms_kernel_takes_its_own_warps(monkeypatch):
+    """``TERMS_NUM_WARPS`` sets the terms kernel's launch and leaves the walk's alone."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas_gpu_terms, "TERMS_NUM_WARPS", 8)
+    shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+    args = (shape(1, 256, 2, 128), shape(1, 256, 2, 128), shape(1, 256, 2, 256), shape(1, 256, 2, dt=jnp.float32),
+            shape(1, 256, 2))
+    text = jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    launches = dict(re.findall(r'name = "(gdn_\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text))
+    assert launches == {"gdn_chunk_terms": "8", "gdn_walk_outputs_fwd": str(pallas_gpu.TRITON_PARAMS["num_warps"])}
 
 
 # What each Triton impl's call lowers to, forward only and differentiated (the terms' VJP by

@@ -76,9 +76,9 @@ def _walk_backward_kernel(w_ref, k_ref, d_ref, d_states_ref, d_v_new_ref, d_fina
     d_s0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, d_final_ref[...].astype(F32)).astype(d_s0_ref.dtype)
 
 
-def backend_params(terms_dtype):
+def backend_params(terms_dtype, num_warps=None):
     """``(interpret, compiler_params, precision)`` for the default backend and terms of
-    ``terms_dtype``.
+    ``terms_dtype``; ``num_warps`` overrides ``TRITON_PARAMS``' (the terms kernels' own setting).
 
     16-bit terms: 16-bit operands at the tensor cores' native rate (float32 accumulation).
     float32 terms: GPU matmuls run as 3xTF32 (``TF32_TF32_F32_X3``): float32-level accuracy on
@@ -89,7 +89,8 @@ def backend_params(terms_dtype):
     (benchmarks/delta_rule_gpu.py) and runs out of resources at the chosen launch settings.
     """
     f32 = terms_dtype == F32
-    interpret, params = triton_backend(num_stages=NUM_STAGES_F32 if f32 else NUM_STAGES_16BIT, **TRITON_PARAMS)
+    launch = dict(TRITON_PARAMS, **({} if num_warps is None else dict(num_warps=num_warps)))
+    interpret, params = triton_backend(num_stages=NUM_STAGES_F32 if f32 else NUM_STAGES_16BIT, **launch)
     if interpret:
         return True, None, jax.lax.Precision.HIGHEST
     return False, params, GPU_PRECISION if f32 else None

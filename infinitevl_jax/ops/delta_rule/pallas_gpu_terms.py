@@ -58,6 +58,11 @@ MAX_BLOCK_V_TERMS = 128  # U is formed in V-blocks of this width (bounds the reg
 # H200) or "kernel" (``_terms_backward_kernel``: 1.06x slower at B1 T65536). Read when a call is
 # traced.
 TERMS_BACKWARD = "xla"
+# Warps per program of the terms kernels (None: the walk's ``pallas_gpu.TRITON_PARAMS``, 4, the
+# setting measured so far). A program has no loop to pipeline, only its chunk's matmuls and the
+# inverse, so its warps, not the walk's pipeline stages, set how they run;
+# benchmarks/delta_rule_gpu_tuning.py --sections terms_launch sweeps them. Read when traced.
+TERMS_NUM_WARPS = None
 
 
 def _unit_lower_inverse(a, precision):
@@ -217,7 +222,7 @@ def _terms_kernels(heads, chunk_size, scale, matmul_dtype):
     inputs, as a ``custom_vjp`` whose backward is ``_terms_backward_kernel`` (it saves only the
     inputs and recomputes the rest)."""
     c = chunk_size
-    interpret, params, precision = backend_params(matmul_dtype)
+    interpret, params, precision = backend_params(matmul_dtype, TERMS_NUM_WARPS)
     _, _, f32_precision = backend_params(F32)
     one_tf32_pass = not interpret and jnp.dtype(matmul_dtype) != F32
     settings = dict(scale=scale, precision=precision,
