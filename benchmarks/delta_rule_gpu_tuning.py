@@ -1,7 +1,7 @@
 """How the Pallas delta-rule path spends its time on a GPU, and how its settings were chosen.
 
     python -m benchmarks.delta_rule_gpu_tuning [--out benchmarks/results/delta_rule_gpu_tuning.json]
-        [--sections stages kernels precision launch terms_backward mosaic terms_launch]
+        [--sections stages kernels precision launch terms_backward mosaic terms_launch gradients]
 
 1. stages: B1 T65536 forward split into prepare_chunks (XLA, and the Pallas terms kernel that
    ``pallas`` uses for forward-only calls), the walk (Pallas kernel, and the XLA ``lax.scan`` walk for
@@ -30,8 +30,13 @@
    inputs, as forward-only calls run it) at B1 T65536 and B8 T4096, beside XLA's
    ``prepare_chunks`` in the same process, and the whole forward at B1 T65536.
 
-Pallas caches traced kernels, so every precision, launch, terms_backward, mosaic and terms_launch
-setting runs in a fresh process (a setting that hangs or fails is recorded as such and the sweep goes on),
+7. gradients: forward+backward of ``pallas`` and ``pallas_triton_fused_backward`` with the
+   per-chunk gradients after the reverse walk in XLA or in one kernel
+   (``pallas_gpu.CHUNK_GRADIENTS``, ``pallas_gpu_grads``' V-block and warps), at B1 T65536 and B8
+   T4096, and the largest gradient error against the chunked impl at B1 T4096.
+
+Pallas caches traced kernels, so every setting of the precision, launch, terms_backward, mosaic,
+terms_launch and gradients sweeps runs in a fresh process (a setting that hangs or fails is recorded as such and the sweep goes on),
 and each is saved as soon as it is measured.
 The split walk's sweep (``--sections split``) ran at commit c886313 and was removed with that
 walk (benchmarks/RESULTS.md).
@@ -52,8 +57,8 @@ from benchmarks.common import device_description, median_ms, print_table, write_
 from benchmarks.delta_rule_gpu import H, K, V, jax_args, make_inputs
 from benchmarks.delta_rule_setup import forward, forward_backward
 from benchmarks.kernel_profile import profile
-from infinitevl_jax.ops.delta_rule import (gated_delta_rule, pallas_gpu, pallas_gpu_terms, pallas_mosaic_gpu,
-                                           segment_resets)
+from infinitevl_jax.ops.delta_rule import (gated_delta_rule, pallas_gpu, pallas_gpu_grads, pallas_gpu_terms,
+                                           pallas_mosaic_gpu, segment_resets)
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunk_outputs, prepare_chunks, walk_states
 
 PRECISIONS = {
@@ -68,10 +73,14 @@ LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 
 # (V-block, ring slots, cluster) of the Mosaic GPU walk; the first is its default
 # (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes)
 MOSAIC_LAUNCHES = [(32, 3, 8), (32, 3, 1), (32, 2, 8), (32, 2, 1), (32, 3, 4), (64, 2, 4), (64, 2, 1), (64, 2, 2)]
+# (impl, per-chunk gradients, the kernel's V-block, warps): today's default first
+GRADIENTS = [("pallas", "xla", 64, 8), ("pallas", "kernel", 64, 8), ("pallas_triton_fused_backward", "xla", 64, 8),
+             ("pallas_triton_fused_backward", "kernel", 64, 8), ("pallas_triton_fused_backward", "kernel", 32, 4),
+             ("pallas_triton_fused_backward", "kernel", 128, 8)]
 TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAMS)
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
-SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch")
+SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch", "gradients")
 TERMS_BACKWARDS = ("xla", "kernel")
 
 
@@ -189,18 +198,31 @@ def terms_launch_row(num_warps):
     return row
 
 
-def terms_backward_row(mode):
-    """Forward+backward with the chunk terms' VJP ``mode``: ms at two shapes, and the largest
+def forward_backward_row(impl):
+    """Forward+backward of ``impl`` at its module settings: ms at two shapes, and the largest
     relative gradient error against the chunked impl."""
-    pallas_gpu_terms.TERMS_BACKWARD = mode
     row = {}
     for batch, seq_len in ((1, 65536), (8, 4096)):
         args = jax_args(make_inputs(batch, seq_len))
-        row[f"B{batch}_T{seq_len}_ms"] = median_ms(forward_backward("pallas"), *args, iters=10)
+        row[f"B{batch}_T{seq_len}_ms"] = median_ms(forward_backward(impl), *args, iters=10)
     args = jax_args(make_inputs(1, 4096, seed=3))
-    grads = [[x.astype(jnp.float32) for x in forward_backward(impl)(*args)] for impl in ("pallas", "chunked")]
+    grads = [[x.astype(jnp.float32) for x in forward_backward(name)(*args)] for name in (impl, "chunked")]
     errors = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(*grads)]
     return dict(row, max_grad_rel_err=max(errors))
+
+
+def terms_backward_row(mode):
+    """Forward+backward with the chunk terms' VJP ``mode`` (``forward_backward_row``)."""
+    pallas_gpu_terms.TERMS_BACKWARD = mode
+    return forward_backward_row("pallas")
+
+
+def gradients_row(impl, mode, block_v, warps):
+    """Forward+backward of ``impl`` with the per-chunk gradients in ``mode`` (and the kernel's
+    V-block and warps) (``forward_backward_row``)."""
+    pallas_gpu.CHUNK_GRADIENTS = mode
+    pallas_gpu_grads.BLOCK_V, pallas_gpu_grads.NUM_WARPS = int(block_v), int(warps)
+    return forward_backward_row(impl)
 
 
 def in_fresh_process(*setting):
@@ -230,6 +252,13 @@ def fresh_process_sweep(kind, settings, label, save):
     return rows
 
 
+def print_rows(rows):
+    """A sweep's rows as a table of every key any row has ("-" where a row lacks it: a failed
+    setting has only its settings, ms and error)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print_table([{key: row.get(key, "-") for key in columns} for row in rows], columns)
+
+
 def _shown(row):
     """A table row with failed settings marked, and float errors in scientific notation."""
     if row["ms"] is None:
@@ -248,7 +277,7 @@ def main(argv=None):
         kind, *rest = args.one
         rows = dict(precision=lambda: precision_row(*rest), terms_backward=lambda: terms_backward_row(*rest),
                     launch=lambda: launch_row(*map(int, rest)), mosaic=lambda: mosaic_row(*map(int, rest)),
-                    terms_launch=lambda: terms_launch_row(int(*rest)))
+                    terms_launch=lambda: terms_launch_row(int(*rest)), gradients=lambda: gradients_row(*rest))
         print(json.dumps(rows[kind]()))
         return
     if jax.default_backend() != "gpu":
@@ -287,8 +316,7 @@ def main(argv=None):
     if "terms_backward" in args.sections:
         backward_rows = fresh_process_sweep("terms_backward", [(mode,) for mode in TERMS_BACKWARDS],
                                             lambda s: dict(terms_backward=s[0]), lambda rows: save(terms_backward=rows))
-        columns = list(dict.fromkeys(key for row in backward_rows for key in row))  # a failed row has ms/error
-        print_table([{key: row.get(key, "-") for key in columns} for row in backward_rows], columns)
+        print_rows(backward_rows)
     if "mosaic" in args.sections:
         mosaic_columns = ("block_v", "stages", "cluster")
         mosaic_rows = fresh_process_sweep("mosaic", MOSAIC_LAUNCHES, lambda s: dict(zip(mosaic_columns, s)),
@@ -299,8 +327,12 @@ def main(argv=None):
     if "terms_launch" in args.sections:
         terms_rows = fresh_process_sweep("terms_launch", [(warps,) for warps in TERMS_WARPS],
                                          lambda s: dict(num_warps=s[0]), lambda rows: save(terms_launch=rows))
-        columns = list(dict.fromkeys(key for row in terms_rows for key in row))
-        print_table([{key: row.get(key, "-") for key in columns} for row in terms_rows], columns)
+        print_rows(terms_rows)
+    if "gradients" in args.sections:
+        gradient_columns = ("impl", "chunk_gradients", "block_v", "num_warps")
+        gradient_rows = fresh_process_sweep("gradients", GRADIENTS, lambda s: dict(zip(gradient_columns, s)),
+                                            lambda rows: save(gradients=rows))
+        print_rows(gradient_rows)
     save(sections=args.sections, complete=True)
 
 

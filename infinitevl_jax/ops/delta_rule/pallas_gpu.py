@@ -9,7 +9,8 @@ straight into the ``[B, T, H, V]`` layout; its VJP is XLA's (the outputs are lin
 operand). Those two serve differentiated calls; forward-only calls run the walk with the
 outputs formed on the way (``gpu_walk_outputs``). ``gpu_walk_outputs_fused_backward`` fuses
 differentiated calls the same way: its forward walk also keeps the entry states and V', and its
-reverse walk forms the outputs' cotangents of both itself.
+reverse walk forms the outputs' cotangents of both itself. After either reverse walk the
+per-chunk gradients are XLA matmuls, or one kernel (``pallas_gpu_grads``, ``CHUNK_GRADIENTS``).
 
 GPU lowering is Triton, chosen explicitly (``triton_launch``: jax 0.11 would otherwise lower
 ``pallas_call`` through Mosaic GPU; 0.12 defaults to Triton). On CPU the same kernels run in
@@ -24,6 +25,7 @@ import jax
 from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.chunk_math import mm
+from infinitevl_jax.ops.delta_rule import pallas_gpu_grads
 from infinitevl_jax.ops.delta_rule.chunked import padded_outputs
 from infinitevl_jax.ops.delta_rule.pallas_walk import (F32, WalkCalls, backward_out_shapes, backward_step,
                                                      chunk_gradients, dot, flat_walk_inputs, forward_out_shapes,
@@ -43,6 +45,10 @@ NUM_STAGES_F32 = 2
 # first traced (Pallas caches traced kernels): benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting.
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+# The per-chunk gradients after the reverse walk: "xla" (batched matmuls, ``chunk_gradients``
+# and the outputs' VJP) or "kernel" (``pallas_gpu_grads``: one pass reading each operand once;
+# not yet timed on a GPU). Read when a call is traced.
+CHUNK_GRADIENTS = "xla"
 
 
 def _chunk_io(n, refs: dict):
@@ -145,7 +151,26 @@ def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     )(w, k_out, decay, d_states, d_v_new, d_final)
 
 
-_walk = make_walk(WalkCalls(_forward_call, _backward_call))
+def _check_chunk_gradients():
+    if CHUNK_GRADIENTS not in ("xla", "kernel"):
+        raise ValueError(f"pallas_gpu.CHUNK_GRADIENTS must be 'xla' or 'kernel'; got {CHUNK_GRADIENTS!r}")
+    return CHUNK_GRADIENTS == "kernel"
+
+
+def _grads_kernel(*operands, **kwargs):
+    """``pallas_gpu_grads.chunk_grads`` with this backend's launch (its own warps)."""
+    backend = backend_params(operands[0].dtype, pallas_gpu_grads.NUM_WARPS)
+    return pallas_gpu_grads.chunk_grads(*operands, **kwargs, backend=backend)
+
+
+def _gradients(states, v_new, d_u, d_next):
+    """``WalkCalls.gradients``: ``chunk_gradients`` in XLA, or in one kernel (``CHUNK_GRADIENTS``)."""
+    if _check_chunk_gradients():
+        return tuple(_grads_kernel(states, v_new, d_u, d_next))
+    return chunk_gradients(states, v_new, d_u, d_next)
+
+
+_walk = make_walk(WalkCalls(_forward_call, _backward_call, _gradients))
 
 
 def gpu_walk_states(terms, initial_state):
@@ -334,11 +359,15 @@ def _walk_outputs_fused_backward_fwd(heads, w, u, k_out, decay, q_in, attn, s0):
 
 def _walk_outputs_fused_backward_bwd(heads, residuals, cotangents):
     """The walk's gradients as in ``pallas_walk.make_walk``, plus those of q_in and attn
-    (``dO S^T`` and ``dO V'^T`` per chunk, batched matmuls over the whole V in XLA)."""
+    (``dO S^T`` and ``dO V'^T`` per chunk): batched matmuls over the whole V in XLA, or all of
+    them in one kernel (``CHUNK_GRADIENTS``)."""
     w, k_out, decay, q_in, attn, states, v_new = residuals
     d_o, d_final = cotangents
     d_o = d_o.astype(w.dtype)
     d_u, d_next, d_s0 = _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final)
+    if _check_chunk_gradients():
+        d_w, d_k_out, d_decay, d_q_in, d_attn = _grads_kernel(states, v_new, d_u, d_next, d_o, heads=heads)
+        return d_w, d_u, d_k_out, d_decay, d_q_in, d_attn, d_s0
     d_w, d_k_out, d_decay = chunk_gradients(states, v_new, d_u, d_next)
     groups, n, c = w.shape[:3]
     d_o = d_o.reshape(groups // heads, n, c, heads, -1)  # [B, N, C, H, V]: chunk rows of each group

@@ -99,11 +99,14 @@ class WalkCalls(NamedTuple):
       ``[G, N, K, 1]`` (the chunk's total decay repeated over K: a column per chunk, so no kernel
       reshapes it), s0 ``[G, K, V]``; states and v_new in the terms' dtype, final float32;
     backward(w, k_out, decay, d_states, d_v_new, d_final) -> (d_u [G,N,C,V], d_next [G,N,K,V],
-      d_s0 [G,K,V]): dV and dL/dS_{n+1} per chunk in the terms' dtype, d_s0 float32.
+      d_s0 [G,K,V]): dV and dL/dS_{n+1} per chunk in the terms' dtype, d_s0 float32;
+    gradients(states, v_new, d_u, d_next) -> (dW, dk_out, dd): ``chunk_gradients`` or a kernel
+      of the same contract.
     """
 
     forward: Callable
     backward: Callable
+    gradients: Callable = chunk_gradients
 
 
 def forward_out_shapes(groups: int, n: int, c: int, d_k: int, d_v: int, dtype) -> list[jax.ShapeDtypeStruct]:
@@ -135,7 +138,7 @@ def make_walk(calls: WalkCalls) -> Callable:
         w, k_out, decay, states, v_new = residuals
         d_states, d_v_new, d_final = cotangents
         d_u, d_next, d_s0 = calls.backward(w, k_out, decay, d_states, d_v_new, d_final)
-        d_w, d_k_out, d_decay = chunk_gradients(states, v_new, d_u, d_next)
+        d_w, d_k_out, d_decay = calls.gradients(states, v_new, d_u, d_next)
         return d_w, d_u, d_k_out, d_decay, d_s0
 
     walk.defvjp(walk_fwd, walk_bwd)
