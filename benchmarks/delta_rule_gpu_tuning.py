@@ -17,8 +17,9 @@
    ``TRITON_PARAMS``, ``NUM_STAGES_16BIT``), B1 T65536 forward, which runs the walk with the
    outputs formed on the way (bf16 inputs, so bf16 chunk terms and matmul operands).
 4. terms_backward: forward+backward at B1 T65536 and B8 T4096 with the chunk terms' VJP by XLA
-   and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``), and each one's
-   largest gradient error against the chunked impl at B1 T4096.
+   and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``, at 4 and 8 warps:
+   ``TERMS_NUM_WARPS``), and each one's largest gradient error against the chunked impl at B1
+   T4096.
 5. mosaic: the Mosaic GPU walk (``pallas_mosaic_gpu``) per V-block width, TMA ring slots and
    cluster size (``BLOCK_V``, ``STAGES``, ``CLUSTER``; a cluster of 1 reads every tile per
    V-block as the Triton walk does): its largest error against the Triton fused walk on the
@@ -81,7 +82,8 @@ TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAM
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch", "gradients")
-TERMS_BACKWARDS = ("xla", "kernel")
+# (terms' VJP, warps of the terms kernels): measured so far at the walk's 4 warps
+TERMS_BACKWARDS = [("xla", 4), ("kernel", 4), ("kernel", 8)]
 
 
 def xla_terms_setup(batch, seq_len):
@@ -211,9 +213,10 @@ def forward_backward_row(impl):
     return dict(row, max_grad_rel_err=max(errors))
 
 
-def terms_backward_row(mode):
-    """Forward+backward with the chunk terms' VJP ``mode`` (``forward_backward_row``)."""
-    pallas_gpu_terms.TERMS_BACKWARD = mode
+def terms_backward_row(mode, num_warps):
+    """Forward+backward with the chunk terms' VJP ``mode`` and ``num_warps`` per terms-kernel
+    program (``forward_backward_row``)."""
+    pallas_gpu_terms.TERMS_BACKWARD, pallas_gpu_terms.TERMS_NUM_WARPS = mode, int(num_warps)
     return forward_backward_row("pallas")
 
 
@@ -314,8 +317,9 @@ def main(argv=None):
                                           lambda rows: save(launch=rows))
         print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms", "walk_ms"])
     if "terms_backward" in args.sections:
-        backward_rows = fresh_process_sweep("terms_backward", [(mode,) for mode in TERMS_BACKWARDS],
-                                            lambda s: dict(terms_backward=s[0]), lambda rows: save(terms_backward=rows))
+        backward_rows = fresh_process_sweep("terms_backward", TERMS_BACKWARDS,
+                                            lambda s: dict(terms_backward=s[0], num_warps=s[1]),
+                                            lambda rows: save(terms_backward=rows))
         print_rows(backward_rows)
     if "mosaic" in args.sections:
         mosaic_columns = ("block_v", "stages", "cluster")
