@@ -152,7 +152,9 @@ def precision_row(name):
 
 def launch_row(block_v, warps, num_stages):
     """The settings apply to every Triton kernel of the call (terms and walk): ``ms`` is the whole
-    forward, ``walk_ms`` the walk with the outputs alone, on chunk terms formed by XLA."""
+    forward, ``walk_ms`` the walk with the outputs alone, on chunk terms formed by XLA (both B1
+    T65536), and ``B8_T4096_ms`` the whole forward of the batched case (1024 walk programs at
+    32-wide V-blocks: 8 waves on an H200, where wider blocks may win)."""
     pallas_gpu.MAX_BLOCK_V = block_v
     pallas_gpu.TRITON_PARAMS = dict(num_warps=warps)
     pallas_gpu.NUM_STAGES_16BIT = num_stages
@@ -160,7 +162,8 @@ def launch_row(block_v, warps, num_stages):
     args = (*inputs[:4], inputs[4].astype(jnp.bfloat16))  # bf16 beta, as jax_args gives it (exact)
     walk = jax.jit(lambda t, s: pallas_gpu.gpu_walk_outputs(t, s, 65536))
     return dict(ms=median_ms(jax.jit(lambda *a: gated_delta_rule(*a, impl="pallas")), *args, iters=10),
-                walk_ms=median_ms(walk, prepare(*inputs), s0, iters=10))
+                walk_ms=median_ms(walk, prepare(*inputs), s0, iters=10),
+                B8_T4096_ms=median_ms(forward("pallas"), *jax_args(make_inputs(8, 4096)), iters=10))
 
 
 def mosaic_row(block_v, stages, cluster):
@@ -315,7 +318,7 @@ def main(argv=None):
         launch_columns = ("block_v", "num_warps", "num_stages")
         launch_rows = fresh_process_sweep("launch", LAUNCHES, lambda s: dict(zip(launch_columns, s)),
                                           lambda rows: save(launch=rows))
-        print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms", "walk_ms"])
+        print_table([_shown(r) for r in launch_rows], [*launch_columns, "ms", "walk_ms", "B8_T4096_ms"])
     if "terms_backward" in args.sections:
         backward_rows = fresh_process_sweep("terms_backward", TERMS_BACKWARDS,
                                             lambda s: dict(terms_backward=s[0], num_warps=s[1]),
