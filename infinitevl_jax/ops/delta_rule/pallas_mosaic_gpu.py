@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from infinitevl_jax.ops.delta_rule.pallas_gpu import fused_forward, gpu_walk_outputs
 from infinitevl_jax.ops.delta_rule.pallas_walk import F32, pad_trailing
@@ -57,13 +58,13 @@ def _smem_layout(minor: int, dtype) -> tuple:
     """Tiling and swizzle of a shared-memory tile whose minor dim is ``minor`` elements (WGMMA
     operands: both operands of one WGMMA need the same swizzle, so all 16-bit tiles use the
     V-block's)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def _interpret_params():
-    """``None`` on GPU (compiled), the Mosaic GPU interpreter's params on CPU."""
+    """``None`` on GPU (compiled), the Mosaic GPU interpreter's params on CPU (jax 0.10 has them
+    only under ``jax._src``)."""
     backend = jax.default_backend()
     if backend == "gpu":
         return None
@@ -76,7 +77,6 @@ def _interpret_params():
 def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *, heads, bv, stages, cluster):
     """One warpgroup walks the chunks of group g = batch x head for one V-block (shapes in
     ``_launch``)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     n_chunks, c, pk = w_ref.shape[1:]
     dtype = w_ref.dtype
     g = lax.axis_index("g")
@@ -92,8 +92,8 @@ def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final
             plgpu.copy_gmem_to_smem(u_ref.at[g, n, :, v_cols], u_s.at[slot], loaded.at[slot])
             plgpu.copy_gmem_to_smem(d_ref.at[g, n], d_s.at[slot], loaded.at[slot])
 
-        for slot in range(stages):
-            pl.when(slot < n_chunks)(functools.partial(load, slot, slot))
+        for slot in range(min(stages, n_chunks)):
+            load(slot, slot)
         plgpu.copy_gmem_to_smem(s0_ref.at[g, :, v_cols], f_s, s0_loaded)
         plgpu.barrier_wait(s0_loaded)
 
@@ -162,7 +162,6 @@ def _launch(heads, w, u, k_t, decay, q_in, attn, s0, *, bv, stages, cluster):
     attn ``[G, N, C, C]``, u ``[G, N, C, V]`` (16-bit), decay ``[G, N, DECAY_LANES]`` and s0
     ``[G, K, V]`` (float32); K a multiple of 64, V of ``bv``. Returns o ``[B, N*C, H, V]`` in
     the terms' dtype and the final state ``[G, K, V]`` float32."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     groups, n, c, pk = w.shape
     pv = u.shape[-1]
     if (need := smem_bytes(c, pk, bv, stages, w.dtype.itemsize)) > SMEM_BYTES:
