@@ -31,7 +31,8 @@
    inputs, as forward-only calls run it) at B1 T65536 and B8 T4096, beside XLA's
    ``prepare_chunks`` in the same process, and the whole forward at B1 T65536.
 
-7. gradients: forward+backward of ``pallas`` and ``pallas_triton_fused_backward`` with the
+7. gradients: forward+backward of ``pallas``, ``pallas_triton_fused_backward`` and
+   ``pallas_mosaic_gpu`` (its forward walk in Mosaic GPU, the same reverse walk) with the
    per-chunk gradients after the reverse walk in XLA or in one kernel
    (``pallas_gpu.CHUNK_GRADIENTS``, ``pallas_gpu_grads``' V-block and warps), at B1 T65536 and B8
    T4096, and the largest gradient error against the chunked impl at B1 T4096.
@@ -77,7 +78,8 @@ MOSAIC_LAUNCHES = [(32, 3, 8), (32, 3, 1), (32, 2, 8), (32, 2, 1), (32, 3, 4), (
 # (impl, per-chunk gradients, the kernel's V-block, warps): today's default first
 GRADIENTS = [("pallas", "xla", 64, 8), ("pallas", "kernel", 64, 8), ("pallas_triton_fused_backward", "xla", 64, 8),
              ("pallas_triton_fused_backward", "kernel", 64, 8), ("pallas_triton_fused_backward", "kernel", 32, 4),
-             ("pallas_triton_fused_backward", "kernel", 128, 8)]
+             ("pallas_triton_fused_backward", "kernel", 128, 8), ("pallas_mosaic_gpu", "xla", 64, 8),
+             ("pallas_mosaic_gpu", "kernel", 64, 8)]
 TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAMS)
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting

@@ -20,9 +20,11 @@ B, T, H, K = 2, 130, 2, 24
 # d_v 256 = 2 V-blocks of 128. Both walk several V-blocks, each writing its slice of V', dV and dS.
 # pallas_triton forms forward-only chunk terms in its kernel and the outputs inside the walk;
 # pallas_triton_unfused has a separate outputs kernel; pallas_triton_xla_terms takes XLA's terms;
-# pallas_triton_fused_backward also forms the outputs' cotangents inside the reverse walk.
+# pallas_triton_fused_backward also forms the outputs' cotangents inside the reverse walk;
+# pallas_mosaic_gpu walks bf16 terms in the Mosaic GPU kernel (d_v 80 pads to 128 = 4 V-blocks)
+# and float32 ones in the Triton kernels.
 KERNELS = {"pallas_triton": 80, "pallas_triton_unfused": 80, "pallas_triton_xla_terms": 80,
-           "pallas_triton_fused_backward": 80, "pallas_mosaic_tpu": 256}
+           "pallas_triton_fused_backward": 80, "pallas_mosaic_gpu": 80, "pallas_mosaic_tpu": 256}
 
 
 @pytest.fixture(params=sorted(KERNELS))
@@ -114,14 +116,28 @@ def test_mosaic_gpu_walk_names_a_ring_too_big_for_shared_memory(monkeypatch):
         gated_delta_rule(x, x, jnp.zeros((1, 64, 1, 32), jnp.bfloat16), g, g, impl="pallas_mosaic_gpu")
 
 
-def test_mosaic_gpu_impl_hands_float32_and_gradients_to_the_triton_kernels():
-    """float32 terms and differentiated calls run ``pallas_triton``'s kernels: equal results."""
+@pytest.mark.parametrize("dtype,same_as,tol", [("float32", "pallas_triton", 0.0),
+                                               ("bfloat16", "pallas_triton_fused_backward", 1e-5)])
+def test_mosaic_gpu_gradients_equal_the_triton_kernels(dtype, same_as, tol):
+    """Differentiated, the Mosaic GPU walk keeps the entry states and V' for the same reverse
+    walk as ``pallas_triton_fused_backward``: with bf16 terms the loss and every gradient equal
+    that impl's to float32 summation order (the kept tiles are the same bf16 roundings).
+    float32 terms run ``pallas_triton``'s very kernels."""
     (q, k, v, g, beta, s0), ids = _inputs(seed=11)
-    loss = lambda impl: lambda q, s0: jnp.sum(
-        gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl)[0] ** 2)
-    for fn in (lambda impl: jax.jit(loss(impl))(q, s0), lambda impl: jax.jit(jax.grad(loss(impl), (0, 1)))(q, s0)):
-        for have, want in zip(jax.tree.leaves(fn("pallas_mosaic_gpu")), jax.tree.leaves(fn("pallas_triton"))):
-            np.testing.assert_array_equal(have, want)
+    w_o = np.random.default_rng(14).normal(size=(B, T, H, 80))
+
+    def value_and_grads(impl):
+        def loss(q, k, v, g, beta, s0):
+            q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
+            o, state = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(state ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(q, k, v, g, beta, s0)
+
+    (value, grads), (want_value, want_grads) = (value_and_grads(impl) for impl in ("pallas_mosaic_gpu", same_as))
+    np.testing.assert_allclose(value, want_value, rtol=max(tol, 1e-7))
+    for name, have, want in zip("q k v g beta s0".split(), grads, want_grads):
+        want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
+        np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"d{name}")
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
@@ -302,7 +318,8 @@ def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluste
     """The Mosaic GPU kernel lowers for CUDA on any host (Mosaic GPU's lowering runs here; the
     module is compiled on the GPU): d_k 128, d_v 256, chunk 64, bf16; with a cluster of 8
     V-blocks multicasting the K-wide tiles (the path the interpreter cannot run) and without.
-    Forward-only calls run it beside the Triton terms kernel; differentiated calls do not."""
+    Forward-only calls run it beside the Triton terms kernel; differentiated calls run it (with
+    the entry states and V' kept) before the Triton reverse walk, on XLA's terms."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compile, not the interpreters
     monkeypatch.setattr(pallas_mosaic_gpu, "CLUSTER", cluster)
     shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
@@ -313,7 +330,9 @@ def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluste
     lower = lambda fn: jax.jit(fn).trace(q, k, v, g, beta).lower(lowering_platforms=("cuda",)).as_text()
     forward = lower(loss)
     assert forward.count("mosaic_gpu_v2") == 1 and forward.count("__gpu$xla.gpu.triton") == 1
-    assert "mosaic_gpu_v2" not in lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    backward = lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    assert backward.count("mosaic_gpu_v2") == 1 and re.findall(r'name = "(gdn_\w+)"', backward) == [
+        "gdn_walk_outputs_bwd"]
 
 
 def test_terms_kernel_takes_its_own_warps(monkeypatch):

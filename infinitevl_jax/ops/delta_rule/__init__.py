@@ -23,11 +23,12 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   reverse walk forms the outputs' cotangents of both on the way (``pallas_gpu.
   gpu_walk_outputs_fused_backward``: those cotangents never reach HBM). Tested in interpret
   mode and lowered for CUDA; not yet timed on a GPU, so ``"pallas"`` does not pick it;
-- ``"pallas_mosaic_gpu"``: ``pallas_triton`` whose forward-only calls with 16-bit terms walk in
-  a Mosaic GPU (Hopper) kernel instead (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA,
-  each chunk's K-wide tiles multicast to a head's V-block programs in a cluster). Tested in the
-  Mosaic GPU interpreter and lowered for CUDA; not yet run on a GPU, so ``"pallas"`` does not
-  pick it;
+- ``"pallas_mosaic_gpu"``: ``pallas_triton_fused_backward`` whose forward walk, for 16-bit terms,
+  is a Mosaic GPU (Hopper) kernel (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA, each
+  chunk's K-wide tiles multicast to a head's V-block programs in a cluster; differentiated, it
+  keeps the entry states and V' for the Triton reverse walk); float32 terms run
+  ``pallas_triton``. Tested in the Mosaic GPU interpreter and lowered for CUDA; not yet run on a
+  GPU, so ``"pallas"`` does not pick it;
 - ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only
   calls in separate kernels (the default before the fused kernel was measured faster on an
   H200; kept for comparison in benchmarks/delta_rule_gpu.py);

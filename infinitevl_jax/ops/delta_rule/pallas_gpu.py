@@ -113,6 +113,11 @@ def _by_group_v(*block):
     return pl.BlockSpec((pl.squeezed, *block), lambda g, j: (g,) + (0,) * (len(block) - 1) + (j,))
 
 
+def triton_dims(d_k: int, d_v: int) -> tuple[int, int]:
+    """The Triton kernels' padded head dims: powers of two (>= 16)."""
+    return next_power_of_two(d_k), next_power_of_two(d_v)
+
+
 def _block_v(d_v):
     return min(d_v, MAX_BLOCK_V)
 
@@ -175,8 +180,7 @@ _walk = make_walk(WalkCalls(_forward_call, _backward_call, _gradients))
 
 def gpu_walk_states(terms, initial_state):
     """``chunked.walk_states`` on the Triton kernels; head dims padded to powers of two (>= 16)."""
-    return walk_states_with(_walk, terms, initial_state,
-                            lambda d_k, d_v: (next_power_of_two(d_k), next_power_of_two(d_v)))
+    return walk_states_with(_walk, terms, initial_state, triton_dims)
 
 
 def _outputs_kernel(q_ref, a_ref, s_ref, v_ref, o_ref, *, precision):
@@ -192,7 +196,7 @@ def _outputs_call(q_in, attn, states, v_new):
     copy); head dims padded to powers of two (>= 16) for Triton."""
     batch, heads, n, c, d_k = q_in.shape
     d_v = v_new.shape[-1]
-    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
+    pk, pv = triton_dims(d_k, d_v)
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     q_in, states = pad_trailing(flat(q_in), pk), pad_trailing(flat(states), pk, pv)
     attn, v_new = flat(attn), pad_trailing(flat(v_new), pv)
@@ -344,17 +348,24 @@ def _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_fin
     )(w, k_out, decay, q_in, attn, d_o, d_final)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _walk_outputs_fused_backward(heads, w, u, k_out, decay, q_in, attn, s0):
-    """``_walk_outputs_launch`` whose VJP is the reverse walk with the outputs' cotangents
-    formed inside it (``_walk_outputs_backward_kernel``), so the cotangents of the entry
-    states and of V' never reach HBM either."""
-    return tuple(_walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0))
+def fused_backward(launch):
+    """A forward walk that forms the outputs, ``launch(heads, w, u, k_out, decay, q_in, attn,
+    s0, keep=False)`` on ``_walk_outputs_launch``'s inputs and outputs, as a ``custom_vjp``
+    (``heads`` static) whose forward keeps the entry states and V' (``keep=True``) and whose VJP
+    is the reverse walk with the outputs' cotangents formed inside it
+    (``_walk_outputs_backward_kernel``), so the cotangents of the entry states and of V' never
+    reach HBM either."""
 
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def walk_outputs(heads, w, u, k_out, decay, q_in, attn, s0):
+        return tuple(launch(heads, w, u, k_out, decay, q_in, attn, s0))
 
-def _walk_outputs_fused_backward_fwd(heads, w, u, k_out, decay, q_in, attn, s0):
-    o, final, states, v_new = _walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=True)
-    return (o, final), (w, k_out, decay, q_in, attn, states, v_new)
+    def forward(heads, w, u, k_out, decay, q_in, attn, s0):
+        o, final, states, v_new = launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=True)
+        return (o, final), (w, k_out, decay, q_in, attn, states, v_new)
+
+    walk_outputs.defvjp(forward, _walk_outputs_fused_backward_bwd)
+    return walk_outputs
 
 
 def _walk_outputs_fused_backward_bwd(heads, residuals, cotangents):
@@ -377,16 +388,17 @@ def _walk_outputs_fused_backward_bwd(heads, residuals, cotangents):
     return d_w, d_u, d_k_out, d_decay, flat(d_q_in), flat(d_attn), d_s0
 
 
-_walk_outputs_fused_backward.defvjp(_walk_outputs_fused_backward_fwd, _walk_outputs_fused_backward_bwd)
+_walk_outputs_fused_backward = fused_backward(_walk_outputs_launch)
 
 
-def _walk_outputs_call(terms, initial_state, launch=_walk_outputs_launch):
-    """``launch`` (``_walk_outputs_launch`` or ``_walk_outputs_fused_backward``) on ``ChunkTerms``
+def walk_outputs_call(terms, initial_state, launch=_walk_outputs_launch, padded_dims=triton_dims):
+    """``launch`` (``_walk_outputs_launch`` or a ``fused_backward`` of a launch) on ``ChunkTerms``
     ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the terms' dtype and the final state
-    ``[B, H, K, V]`` float32 (head dims padded as the walk's, the padding sliced off)."""
+    ``[B, H, K, V]`` float32 (head dims padded to ``padded_dims(d_k, d_v)``, the padding sliced
+    off)."""
     batch, heads, n, c, d_k = terms.w.shape
     d_v = terms.u.shape[-1]
-    pk, pv = next_power_of_two(d_k), next_power_of_two(d_v)
+    pk, pv = padded_dims(d_k, d_v)
     w, u, k_out, decay, s0 = flat_walk_inputs(terms, initial_state, pk, pv)
     q_in = pad_trailing(terms.q_in.reshape(batch * heads, n, c, d_k), pk)
     attn = terms.attn.reshape(batch * heads, n, c, c)
@@ -395,9 +407,14 @@ def _walk_outputs_call(terms, initial_state, launch=_walk_outputs_launch):
 
 
 def _unfused_walk_outputs(terms, initial_state):
-    """The same as ``_walk_outputs_call`` through the walk and outputs kernels (and their VJPs)."""
+    """The same as ``walk_outputs_call`` through the walk and outputs kernels (and their VJPs)."""
     entry_states, v_new, final = gpu_walk_states(terms, initial_state)
     return _outputs(terms.q_in, terms.attn, entry_states, v_new), final
+
+
+@jax.custom_vjp
+def _walk_outputs(terms, initial_state):
+    return walk_outputs_call(terms, initial_state)
 
 
 def _walk_outputs_fwd(terms, initial_state):
@@ -410,15 +427,7 @@ def _walk_outputs_bwd(vjp, cotangents):
     return vjp(cotangents)
 
 
-def fused_forward(call):
-    """``call(terms, initial_state) -> (o, final)`` (a fused walk-and-outputs kernel) as a
-    ``custom_vjp`` whose differentiated calls run the walk and outputs kernels instead."""
-    fused = jax.custom_vjp(lambda terms, initial_state: call(terms, initial_state))
-    fused.defvjp(_walk_outputs_fwd, _walk_outputs_bwd)
-    return fused
-
-
-_walk_outputs = fused_forward(_walk_outputs_call)
+_walk_outputs.defvjp(_walk_outputs_fwd, _walk_outputs_bwd)
 
 
 def gpu_walk_outputs(terms, initial_state, seq_len):
@@ -433,5 +442,5 @@ def gpu_walk_outputs_fused_backward(terms, initial_state, seq_len):
     """``gpu_walk_outputs`` whose differentiated calls also run fused kernels: the forward walk
     forms the outputs and keeps the entry states and V'; the reverse walk forms the outputs'
     cotangents of both on the way (``_walk_outputs_fused_backward``)."""
-    o, final = _walk_outputs_call(terms, initial_state, _walk_outputs_fused_backward)
+    o, final = walk_outputs_call(terms, initial_state, _walk_outputs_fused_backward)
     return o[:, :seq_len], final

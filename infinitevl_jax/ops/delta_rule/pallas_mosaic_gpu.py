@@ -18,12 +18,14 @@ registers, but written for Hopper instead of through Triton:
 - o_n = q_in_n S_n is issued together with W_n S_n, and attn_n V'_n together with k_out_n^T V'_n,
   so only the state's chain (W S, then k_out^T V') is waited for in turn.
 
-Only 16-bit terms (WGMMA's bf16/f16 operands; float32 accumulation, the state float32, as the
-Triton kernels' 16-bit path): float32 terms, and differentiated calls, run ``pallas_gpu``'s
-kernels (``mosaic_walk_outputs``). k_out enters transposed (``[K, C]`` per chunk, one XLA
-transpose) because the WGMMA takes it as its left operand. On CPU the kernel runs in the Mosaic
-GPU interpreter (tests), without the cluster: the interpreter has no cluster allocations, so
-the multicast path is only lowered for CUDA there (tests) and run on a GPU.
+Differentiated, the kernel also stores each chunk's entry state and V' (from the shared-memory
+tiles its WGMMAs read) for ``pallas_gpu``'s reverse walk, which forms the outputs' cotangents
+itself (``pallas_gpu.fused_backward``). Only 16-bit terms (WGMMA's bf16/f16 operands; float32
+accumulation, the state float32, as the Triton kernels' 16-bit path); float32 terms run the
+Triton kernels (``mosaic_walk_outputs``). k_out enters transposed (``[K, C]`` per chunk, one
+XLA transpose) because the WGMMA takes it as its left operand. On CPU the kernel runs in the
+Mosaic GPU interpreter (tests), without the cluster: the interpreter has no cluster
+allocations, so the multicast path is only lowered for CUDA there (tests) and run on a GPU.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from infinitevl_jax.ops.delta_rule.pallas_gpu import fused_forward, gpu_walk_outputs
-from infinitevl_jax.ops.delta_rule.pallas_walk import F32, pad_trailing
+from infinitevl_jax.ops.delta_rule.pallas_gpu import fused_backward, gpu_walk_outputs, triton_dims, walk_outputs_call
+from infinitevl_jax.ops.delta_rule.pallas_walk import F32, forward_out_shapes
 
 # Launch settings, read when a kernel is traced (benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting). Not yet measured on a GPU: 32-wide V-blocks and 3 slots as
@@ -48,10 +50,6 @@ CLUSTER = 8
 WGMMA_ROWS = 64  # a WGMMA's M: the chunk size and the padded K are multiples of it
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 DECAY_LANES = 32  # the chunk decay repeated to 128 bytes, TMA's smallest copy for a warpgroup
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
 
 
 def _smem_layout(minor: int, dtype) -> tuple:
@@ -74,15 +72,26 @@ def _interpret_params():
     raise ValueError(f"the Mosaic GPU kernel runs on GPU (or interpreted on CPU), not on {backend!r}")
 
 
-def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *, heads, bv, stages, cluster):
+def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *kept_refs, heads, bv, stages,
+                 cluster):
     """One warpgroup walks the chunks of group g = batch x head for one V-block (shapes in
-    ``_launch``)."""
+    ``_launch``); with ``kept_refs`` (states ``[G, N, K, V]``, v_new ``[G, N, C, V]``) it also
+    stores each chunk's entry state and V' from the shared-memory tiles the WGMMAs read.
+
+    TMA stores out of shared memory are asynchronous; before a tile is written again the store
+    that reads it must be done. Per chunk the stores are S_n and V'_n (when kept), then o_n, in
+    that order, so with ``wait_smem_to_gmem(k)`` (at most k stores still reading):
+    - before S_n is written: k = 2 leaves V'_{n-1} and o_{n-1}, so S_{n-1}'s store is done;
+    - before V'_n is written: k = 2 leaves o_{n-1} and S_n, so V'_{n-1}'s store is done;
+    - before o_n is written into its slot of two: o_{n-2}'s store is done, which is k = 1
+      without kept tiles and already true with them (the waits above came after it)."""
     n_chunks, c, pk = w_ref.shape[1:]
     dtype = w_ref.dtype
     g = lax.axis_index("g")
     j = lax.axis_index("vb") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
     v_cols = pl.ds(j * bv, bv)
     shared = dict(collective_axes="cluster") if cluster > 1 else {}
+    states_ref, v_new_ref = kept_refs or (None, None)
 
     def scoped(w_s, kt_s, q_s, a_s, u_s, d_s, state_s, v_s, o_s, f_s, loaded, consumed, s0_loaded):
         def load(n, slot):
@@ -97,18 +106,24 @@ def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final
         plgpu.copy_gmem_to_smem(s0_ref.at[g, :, v_cols], f_s, s0_loaded)
         plgpu.barrier_wait(s0_loaded)
 
+        def operand(tile_s, value, kept, n):
+            """``value`` into the WGMMA operand tile ``tile_s`` and, when kept, on to HBM."""
+            if kept_refs:
+                plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+            tile_s[...] = value.astype(dtype)
+            plgpu.commit_smem()
+            if kept_refs:
+                plgpu.copy_smem_to_gmem(tile_s, kept.at[g, n, :, v_cols])
+
         def chunk(n, state):
             slot = lax.rem(n, stages)
             plgpu.barrier_wait(loaded.at[slot])
-            state_s[...] = state.astype(dtype)
-            plgpu.commit_smem()
+            operand(state_s, state, states_ref, n)
 
             def products(ws_acc, o_acc, update_acc):
                 plgpu.wgmma(ws_acc, w_s.at[slot], state_s)
                 plgpu.wgmma(o_acc, q_s.at[slot], state_s)
-                v_new = u_s[slot].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1)
-                v_s[...] = v_new.astype(dtype)
-                plgpu.commit_smem()
+                operand(v_s, u_s[slot].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1), v_new_ref, n)
                 plgpu.wgmma(update_acc, kt_s.at[slot], v_s)
                 plgpu.wgmma(o_acc, a_s.at[slot], v_s)
                 return plgpu.wgmma_accumulator_load(update_acc, wait_n=1), o_acc[...]
@@ -120,7 +135,8 @@ def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final
             if cluster > 1:
                 pl.when(reload)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
             o_slot = lax.rem(n, 2)
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            if not kept_refs:
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
             o_s.at[o_slot][...] = o.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s.at[o_slot], o_ref.at[g // heads, pl.ds(n * c, c), g % heads, v_cols])
@@ -157,64 +173,53 @@ def smem_bytes(c: int, pk: int, bv: int, stages: int, itemsize: int = 2) -> int:
     return ring + (pk * bv + 3 * c * bv) * itemsize + pk * bv * 4
 
 
-def _launch(heads, w, u, k_t, decay, q_in, attn, s0, *, bv, stages, cluster):
-    """The kernel on flat groups G = batch x heads: w, q_in ``[G, N, C, K]``, k_t ``[G, N, K, C]``,
-    attn ``[G, N, C, C]``, u ``[G, N, C, V]`` (16-bit), decay ``[G, N, DECAY_LANES]`` and s0
-    ``[G, K, V]`` (float32); K a multiple of 64, V of ``bv``. Returns o ``[B, N*C, H, V]`` in
-    the terms' dtype and the final state ``[G, K, V]`` float32."""
+def _launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=False):
+    """The kernel on ``pallas_gpu._walk_outputs_launch``'s inputs and outputs (flat groups G =
+    batch x heads; w, k_out, q_in ``[G, N, C, K]``, attn ``[G, N, C, C]``, u ``[G, N, C, V]`` in
+    16 bits, decay ``[G, N, K, 1]`` and s0 ``[G, K, V]`` float32, head dims padded by
+    ``mosaic_dims``): o ``[B, N*C, H, V]`` in the terms' dtype and the final state ``[G, K, V]``
+    float32, with ``keep`` also the entry states ``[G, N, K, V]`` and V' ``[G, N, C, V]``. The
+    kernel takes k_out transposed and the chunk decay as a 128-byte row."""
     groups, n, c, pk = w.shape
     pv = u.shape[-1]
+    if c % WGMMA_ROWS:
+        raise ValueError(f"the Mosaic GPU walk needs chunks of a multiple of {WGMMA_ROWS} tokens; got {c}")
+    bv, stages = BLOCK_V, STAGES
+    cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
     if (need := smem_bytes(c, pk, bv, stages, w.dtype.itemsize)) > SMEM_BYTES:
         raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv} "
                          f"and {stages} ring slots; a block has {SMEM_BYTES // 1024} KiB: lower STAGES or BLOCK_V")
     mesh = dict(grid=(groups, pv // bv // cluster), grid_names=("g", "vb"))
     if cluster > 1:
         mesh.update(cluster=(cluster,), cluster_names=("cluster",))
+    out_type = [jax.ShapeDtypeStruct((groups // heads, n * c, heads, pv), w.dtype),
+                jax.ShapeDtypeStruct((groups, pk, pv), F32)]
+    if keep:
+        out_type += forward_out_shapes(groups, n, c, pk, pv, w.dtype)[:2]
     kernel = plgpu.kernel(
         functools.partial(_walk_kernel, heads=heads, bv=bv, stages=stages, cluster=cluster),
-        out_type=(jax.ShapeDtypeStruct((groups // heads, n * c, heads, pv), w.dtype),
-                  jax.ShapeDtypeStruct((groups, pk, pv), F32)),
-        interpret=_interpret_params(), **mesh)
-    return kernel(w, u, k_t, decay, q_in, attn, s0)
+        out_type=tuple(out_type), interpret=_interpret_params(), **mesh)
+    k_t = jnp.swapaxes(k_out, -1, -2)
+    decay_row = jnp.broadcast_to(decay[:, :, :1, 0], (groups, n, DECAY_LANES))
+    return kernel(w, u, k_t, decay_row, q_in, attn, s0)
 
 
-def _launch_settings(d_v: int) -> tuple[int, int, int]:
-    """``(bv, padded V, cluster)``: the V-block, V padded to whole V-blocks, and the cluster
-    (``CLUSTER`` if it divides the V-blocks, else no cluster; 1 in the interpreter)."""
-    bv = BLOCK_V
-    pv = _round_up(d_v, bv)
-    cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
-    return bv, pv, cluster
+def mosaic_dims(d_k: int, d_v: int) -> tuple[int, int]:
+    """Padded head dims: the Triton kernels' powers of two (their reverse walk takes what this
+    forward keeps), K at least a WGMMA's 64 rows and V at least one V-block."""
+    pk, pv = triton_dims(d_k, d_v)
+    return max(pk, WGMMA_ROWS), max(pv, BLOCK_V)
 
 
-def _mosaic_walk_outputs_call(terms, initial_state):
-    """The kernel on ``ChunkTerms`` ``[B, H, N, ...]``: o ``[B, N*C, H, V]`` in the terms' dtype
-    and the final state ``[B, H, K, V]`` float32, with K padded to a multiple of 64 and V to
-    whole V-blocks (zero rows and columns change nothing in the recurrence), sliced off after."""
-    batch, heads, n, c, d_k = terms.w.shape
-    d_v = terms.u.shape[-1]
-    if c % WGMMA_ROWS:
-        raise ValueError(f"the Mosaic GPU walk needs chunks of a multiple of {WGMMA_ROWS} tokens; got {c}")
-    bv, pv, cluster = _launch_settings(d_v)
-    pk = _round_up(d_k, WGMMA_ROWS)
-    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-    w, q_in = (pad_trailing(flat(x), pk) for x in (terms.w, terms.q_in))
-    k_t = jnp.swapaxes(pad_trailing(flat(terms.k_out), pk), -1, -2)
-    decay = jnp.broadcast_to(flat(terms.decay)[..., None], (batch * heads, n, DECAY_LANES))
-    s0 = pad_trailing(flat(initial_state), pk, pv)
-    o, final = _launch(heads, w, pad_trailing(flat(terms.u), pv), k_t, decay, q_in, flat(terms.attn), s0,
-                       bv=bv, stages=STAGES, cluster=cluster)
-    return o[..., :d_v], final.reshape(batch, heads, pk, pv)[:, :, :d_k, :d_v]
-
-
-_mosaic_walk_outputs = fused_forward(_mosaic_walk_outputs_call)
+_mosaic_walk_outputs = fused_backward(_launch)
 
 
 def mosaic_walk_outputs(terms, initial_state, seq_len):
-    """``pallas_gpu.gpu_walk_outputs`` with the Mosaic GPU kernel for 16-bit terms: o ``[B, T,
-    H, V]`` in the terms' dtype and the final state; float32 terms run the Triton kernel (its
-    3xTF32 matmuls), and differentiated calls the Triton walk and outputs kernels."""
+    """``pallas_gpu.gpu_walk_outputs_fused_backward`` with the Mosaic GPU kernel as its forward
+    walk, for 16-bit terms: o ``[B, T, H, V]`` in the terms' dtype and the final state;
+    differentiated, the kernel also keeps the entry states and V' for the Triton reverse walk
+    that forms the outputs' cotangents. float32 terms run ``gpu_walk_outputs`` (3xTF32)."""
     if terms.w.dtype == F32:
         return gpu_walk_outputs(terms, initial_state, seq_len)
-    o, final = _mosaic_walk_outputs(terms, initial_state)
+    o, final = walk_outputs_call(terms, initial_state, _mosaic_walk_outputs, mosaic_dims)
     return o[:, :seq_len], final
