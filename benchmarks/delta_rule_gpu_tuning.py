@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,7 @@ GRADIENTS = [("pallas", "xla", 64, 8), ("pallas", "kernel", 64, 8), ("pallas_tri
 TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAMS)
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
+ERROR_TAIL_LINES = 40
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch", "gradients")
 # (terms' VJP, warps of the terms kernels): measured so far at the walk's 4 warps
 TERMS_BACKWARDS = [("xla", 4), ("kernel", 4), ("kernel", 8)]
@@ -236,7 +238,8 @@ def gradients_row(impl, mode, block_v, warps):
 def in_fresh_process(*setting):
     """One setting in a new process; a setting that fails to compile or run (e.g. shared memory
     exceeded) or takes over ``SETTING_TIMEOUT_S`` is a result of the sweep, recorded with the
-    last line of its error."""
+    last exception line of its error (and the JSON keeps the last ``ERROR_TAIL_LINES`` lines of its
+    stderr, to debug a kernel from one run)."""
     command = [sys.executable, "-m", "benchmarks.delta_rule_gpu_tuning", "--one", *map(str, setting)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SETTING_TIMEOUT_S)
@@ -245,7 +248,8 @@ def in_fresh_process(*setting):
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
     lines = done.stderr.strip().splitlines() or ["no output"]
-    return dict(ms=None, error=lines[-1][:200])
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)]  # not JAX's notes
+    return dict(ms=None, error=(raised or lines)[-1][:200], stderr_tail="\n".join(lines[-ERROR_TAIL_LINES:]))
 
 
 def fresh_process_sweep(kind, settings, label, save):
@@ -261,9 +265,9 @@ def fresh_process_sweep(kind, settings, label, save):
 
 
 def print_rows(rows):
-    """A sweep's rows as a table of every key any row has ("-" where a row lacks it: a failed
-    setting has only its settings, ms and error)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    """A sweep's rows as a table of every key any row has but the stderr tail ("-" where a row
+    lacks it: a failed setting has only its settings, ms and error)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row if key != "stderr_tail"))
     print_table([{key: row.get(key, "-") for key in columns} for row in rows], columns)
 
 
