@@ -32,7 +32,7 @@
    ``prepare_chunks`` in the same process, and the whole forward at B1 T65536.
 
 7. gradients: forward+backward of ``pallas``, ``pallas_triton_fused_backward`` and
-   ``pallas_mosaic_gpu`` (its forward walk in Mosaic GPU, the same reverse walk) with the
+   ``pallas_mosaic_gpu`` (the same walks in Mosaic GPU kernels) with the
    per-chunk gradients after the reverse walk in XLA or in one kernel
    (``pallas_gpu.CHUNK_GRADIENTS``, ``pallas_gpu_grads``' V-block and warps), at B1 T65536 and B8
    T4096, and the largest gradient error against the chunked impl at B1 T4096.

@@ -23,10 +23,9 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
   reverse walk forms the outputs' cotangents of both on the way (``pallas_gpu.
   gpu_walk_outputs_fused_backward``: those cotangents never reach HBM). Tested in interpret
   mode and lowered for CUDA; not yet timed on a GPU, so ``"pallas"`` does not pick it;
-- ``"pallas_mosaic_gpu"``: ``pallas_triton_fused_backward`` whose forward walk, for 16-bit terms,
-  is a Mosaic GPU (Hopper) kernel (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA, each
-  chunk's K-wide tiles multicast to a head's V-block programs in a cluster; differentiated, it
-  keeps the entry states and V' for the Triton reverse walk); float32 terms run
+- ``"pallas_mosaic_gpu"``: ``pallas_triton_fused_backward`` whose two walks, for 16-bit terms,
+  are Mosaic GPU (Hopper) kernels (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA, each
+  chunk's K-wide tiles multicast to a head's V-block programs in a cluster); float32 terms run
   ``pallas_triton``. Tested in the Mosaic GPU interpreter and lowered for CUDA; not yet run on a
   GPU, so ``"pallas"`` does not pick it;
 - ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only

@@ -348,13 +348,14 @@ def _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_fin
     )(w, k_out, decay, q_in, attn, d_o, d_final)
 
 
-def fused_backward(launch):
+def fused_backward(launch, backward_launch=None):
     """A forward walk that forms the outputs, ``launch(heads, w, u, k_out, decay, q_in, attn,
     s0, keep=False)`` on ``_walk_outputs_launch``'s inputs and outputs, as a ``custom_vjp``
     (``heads`` static) whose forward keeps the entry states and V' (``keep=True``) and whose VJP
-    is the reverse walk with the outputs' cotangents formed inside it
-    (``_walk_outputs_backward_kernel``), so the cotangents of the entry states and of V' never
-    reach HBM either."""
+    is a reverse walk with the outputs' cotangents formed inside it (``backward_launch``, by
+    default ``_walk_outputs_backward_launch``), so the cotangents of the entry states and of V'
+    never reach HBM either."""
+    backward_launch = backward_launch or _walk_outputs_backward_launch
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def walk_outputs(heads, w, u, k_out, decay, q_in, attn, s0):
@@ -364,18 +365,19 @@ def fused_backward(launch):
         o, final, states, v_new = launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=True)
         return (o, final), (w, k_out, decay, q_in, attn, states, v_new)
 
-    walk_outputs.defvjp(forward, _walk_outputs_fused_backward_bwd)
+    walk_outputs.defvjp(forward, functools.partial(_walk_outputs_fused_backward_bwd, backward_launch))
     return walk_outputs
 
 
-def _walk_outputs_fused_backward_bwd(heads, residuals, cotangents):
-    """The walk's gradients as in ``pallas_walk.make_walk``, plus those of q_in and attn
-    (``dO S^T`` and ``dO V'^T`` per chunk): batched matmuls over the whole V in XLA, or all of
-    them in one kernel (``CHUNK_GRADIENTS``)."""
+def _walk_outputs_fused_backward_bwd(backward_launch, heads, residuals, cotangents):
+    """The walk's gradients as in ``pallas_walk.make_walk`` from ``backward_launch`` (a reverse
+    walk forming the outputs' cotangents, ``_walk_outputs_backward_launch``'s contract), plus
+    those of q_in and attn (``dO S^T`` and ``dO V'^T`` per chunk): batched matmuls over the whole
+    V in XLA, or all of them in one kernel (``CHUNK_GRADIENTS``)."""
     w, k_out, decay, q_in, attn, states, v_new = residuals
     d_o, d_final = cotangents
     d_o = d_o.astype(w.dtype)
-    d_u, d_next, d_s0 = _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final)
+    d_u, d_next, d_s0 = backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final)
     if _check_chunk_gradients():
         d_w, d_k_out, d_decay, d_q_in, d_attn = _grads_kernel(states, v_new, d_u, d_next, d_o, heads=heads)
         return d_w, d_u, d_k_out, d_decay, d_q_in, d_attn, d_s0

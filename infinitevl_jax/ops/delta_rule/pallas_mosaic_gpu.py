@@ -1,4 +1,5 @@
-"""The forward walk with the outputs formed on the way, as a Mosaic GPU (Hopper) kernel.
+"""The walks of the chunked gated delta rule as Mosaic GPU (Hopper) kernels: the forward walk
+with the outputs formed on the way, and the reverse walk with the outputs' cotangents.
 
 The same math as ``pallas_gpu``'s fused walk (``_walk_outputs_kernel``), per chunk n:
 
@@ -18,19 +19,24 @@ registers, but written for Hopper instead of through Triton:
 - o_n = q_in_n S_n is issued together with W_n S_n, and attn_n V'_n together with k_out_n^T V'_n,
   so only the state's chain (W S, then k_out^T V') is waited for in turn.
 
-Differentiated, the kernel also stores each chunk's entry state and V' (from the shared-memory
-tiles its WGMMAs read) for ``pallas_gpu``'s reverse walk, which forms the outputs' cotangents
-itself (``pallas_gpu.fused_backward``). Only 16-bit terms (WGMMA's bf16/f16 operands; float32
-accumulation, the state float32, as the Triton kernels' 16-bit path); float32 terms run the
-Triton kernels (``mosaic_walk_outputs``). k_out enters transposed (``[K, C]`` per chunk, one
-XLA transpose) because the WGMMA takes it as its left operand. On CPU the kernel runs in the
-Mosaic GPU interpreter (tests), without the cluster: the interpreter has no cluster
-allocations, so the multicast path is only lowered for CUDA there (tests) and run on a GPU.
+Differentiated, the forward kernel also stores each chunk's entry state and V' (from the
+shared-memory tiles its WGMMAs read), and the reverse walk (``_backward_kernel``: the Triton
+``_walk_outputs_backward_kernel``'s math, ring and cluster as above) forms the outputs'
+cotangents q_in^T dO and attn^T dO itself, wired as ``pallas_gpu.fused_backward``; the
+per-chunk gradients after it are ``pallas_gpu``'s. Only 16-bit terms (WGMMA's bf16/f16
+operands; float32 accumulation, the state float32, as the Triton kernels' 16-bit path); float32
+terms run the Triton kernels (``mosaic_walk_outputs``). A WGMMA's left operand is read as
+stored, so the tiles that enter transposed (k_out in the forward; w, q_in and attn in the
+reverse walk) are transposed by XLA first (the interpreter has no transposed operands). On CPU
+the kernels run in the Mosaic GPU interpreter (tests), without the cluster: the interpreter has
+no cluster allocations, so the multicast path is only lowered for CUDA there (tests) and run
+on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from infinitevl_jax.ops.delta_rule.pallas_gpu import fused_backward, gpu_walk_outputs, triton_dims, walk_outputs_call
-from infinitevl_jax.ops.delta_rule.pallas_walk import F32, forward_out_shapes
+from infinitevl_jax.ops.delta_rule.pallas_walk import F32, backward_out_shapes, forward_out_shapes
 
 # Launch settings, read when a kernel is traced (benchmarks/delta_rule_gpu_tuning.py sets them
 # in a fresh process per setting). Not yet measured on a GPU: 32-wide V-blocks and 3 slots as
@@ -72,8 +78,72 @@ def _interpret_params():
     raise ValueError(f"the Mosaic GPU kernel runs on GPU (or interpreted on CPU), not on {backend!r}")
 
 
-def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *kept_refs, heads, bv, stages,
-                 cluster):
+def _program(bv: int, cluster: int):
+    """``(g, v_cols)``: this program's group (batch x head) and its V-block's columns."""
+    j = lax.axis_index("vb") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
+    return lax.axis_index("g"), pl.ds(j * bv, bv)
+
+
+def _chunk_ring(sources, rings, loaded, consumed, *, n_chunks, stages, cluster, reverse, step, carry):
+    """The walk over chunks (n = 0..N-1, or N-1..0 with ``reverse``) with each chunk's tiles in a
+    TMA ring: ``sources`` ``[(view(n) -> GMEM tile, multicast)]`` fill ``rings`` (SMEM
+    ``[stages, ...]``, one barrier ``loaded`` per slot) ``stages`` chunks ahead; multicast tiles
+    are the same for the whole cluster and loaded once for it. ``step(n, slot, carry)`` runs once
+    chunk n's tiles have landed; then the slot is reloaded, after every program of the cluster
+    has arrived on ``consumed`` (a cluster barrier per slot) to say it is done with it. Returns
+    the final carry."""
+    chunk_at = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
+
+    def load(i, slot):
+        for (view, multicast), ring in zip(sources, rings):
+            collective = dict(collective_axes="cluster") if multicast and cluster > 1 else {}
+            plgpu.copy_gmem_to_smem(view(chunk_at(i)), ring.at[slot], loaded.at[slot], **collective)
+
+    for slot in range(min(stages, n_chunks)):
+        load(slot, slot)
+
+    def body(i, carry):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(loaded.at[slot])
+        carry = step(chunk_at(i), slot, carry)
+        reload = i + stages < n_chunks
+        if cluster > 1:
+            pl.when(reload)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
+
+        @pl.when(reload)
+        def _():
+            if cluster > 1:
+                plgpu.barrier_wait(consumed.at[slot])
+            load(i + stages, slot)
+
+        return carry
+
+    return lax.fori_loop(0, n_chunks, body, carry)
+
+
+def _operand(tile_s, value, kept, wait):
+    """``value`` into the WGMMA operand tile ``tile_s``; with ``kept`` (a GMEM view) also on to
+    HBM, after ``wait_smem_to_gmem(wait)`` lets the store that last read the tile finish."""
+    if kept is not None:
+        plgpu.wait_smem_to_gmem(wait, wait_read_only=True)
+    tile_s[...] = value.astype(tile_s.dtype)
+    plgpu.commit_smem()
+    if kept is not None:
+        plgpu.copy_smem_to_gmem(tile_s, kept)
+
+
+def _matmuls(first, then, shapes):
+    """Runs WGMMAs into float32 accumulators of ``shapes``: ``first(accs)`` issues the first
+    round; ``then(accs)`` may read accumulators (``plgpu.wgmma_accumulator_load``), issue more
+    and returns what it needs; all are done when this returns ``then``'s result."""
+    def scope(*accs):
+        first(accs)
+        return then(accs)
+    return pl.run_scoped(scope, *(plgpu.ACC(shape, F32) for shape in shapes))
+
+
+def _forward_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *kept_refs, heads, bv,
+                    stages, cluster):
     """One warpgroup walks the chunks of group g = batch x head for one V-block (shapes in
     ``_launch``); with ``kept_refs`` (states ``[G, N, K, V]``, v_new ``[G, N, C, V]``) it also
     stores each chunk's entry state and V' from the shared-memory tiles the WGMMAs read.
@@ -86,122 +156,190 @@ def _walk_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final
     - before o_n is written into its slot of two: o_{n-2}'s store is done, which is k = 1
       without kept tiles and already true with them (the waits above came after it)."""
     n_chunks, c, pk = w_ref.shape[1:]
-    dtype = w_ref.dtype
-    g = lax.axis_index("g")
-    j = lax.axis_index("vb") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
-    v_cols = pl.ds(j * bv, bv)
-    shared = dict(collective_axes="cluster") if cluster > 1 else {}
+    g, v_cols = _program(bv, cluster)
     states_ref, v_new_ref = kept_refs or (None, None)
+    kept = lambda ref, n: None if ref is None else ref.at[g, n, :, v_cols]
 
-    def scoped(w_s, kt_s, q_s, a_s, u_s, d_s, state_s, v_s, o_s, f_s, loaded, consumed, s0_loaded):
-        def load(n, slot):
-            """Chunk n's tiles into ``slot``; the K-wide ones multicast over the cluster."""
-            for src, dst in ((w_ref, w_s), (kt_ref, kt_s), (q_ref, q_s), (a_ref, a_s)):
-                plgpu.copy_gmem_to_smem(src.at[g, n], dst.at[slot], loaded.at[slot], **shared)
-            plgpu.copy_gmem_to_smem(u_ref.at[g, n, :, v_cols], u_s.at[slot], loaded.at[slot])
-            plgpu.copy_gmem_to_smem(d_ref.at[g, n], d_s.at[slot], loaded.at[slot])
-
-        for slot in range(min(stages, n_chunks)):
-            load(slot, slot)
+    def scoped(rings, loaded, consumed, state_s, v_s, o_s, f_s, s0_loaded):
+        w_s, kt_s, q_s, a_s, u_s, d_s = rings
         plgpu.copy_gmem_to_smem(s0_ref.at[g, :, v_cols], f_s, s0_loaded)
         plgpu.barrier_wait(s0_loaded)
 
-        def operand(tile_s, value, kept, n):
-            """``value`` into the WGMMA operand tile ``tile_s`` and, when kept, on to HBM."""
-            if kept_refs:
-                plgpu.wait_smem_to_gmem(2, wait_read_only=True)
-            tile_s[...] = value.astype(dtype)
-            plgpu.commit_smem()
-            if kept_refs:
-                plgpu.copy_smem_to_gmem(tile_s, kept.at[g, n, :, v_cols])
+        def chunk(n, slot, state):
+            _operand(state_s, state, kept(states_ref, n), 2)
 
-        def chunk(n, state):
-            slot = lax.rem(n, stages)
-            plgpu.barrier_wait(loaded.at[slot])
-            operand(state_s, state, states_ref, n)
-
-            def products(ws_acc, o_acc, update_acc):
+            def first(accs):
+                ws_acc, o_acc, _ = accs
                 plgpu.wgmma(ws_acc, w_s.at[slot], state_s)
                 plgpu.wgmma(o_acc, q_s.at[slot], state_s)
-                operand(v_s, u_s[slot].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1), v_new_ref, n)
+
+            def then(accs):
+                ws_acc, o_acc, update_acc = accs
+                v_new = u_s[slot].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1)
+                _operand(v_s, v_new, kept(v_new_ref, n), 2)
                 plgpu.wgmma(update_acc, kt_s.at[slot], v_s)
                 plgpu.wgmma(o_acc, a_s.at[slot], v_s)
                 return plgpu.wgmma_accumulator_load(update_acc, wait_n=1), o_acc[...]
 
-            update, o = pl.run_scoped(products, plgpu.ACC((c, bv), F32), plgpu.ACC((c, bv), F32),
-                                      plgpu.ACC((pk, bv), F32))
-            state = d_s[slot, 0] * state + update
-            reload = n + stages < n_chunks
-            if cluster > 1:
-                pl.when(reload)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
+            update, o = _matmuls(first, then, [(c, bv), (c, bv), (pk, bv)])
             o_slot = lax.rem(n, 2)
             if not kept_refs:
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            o_s.at[o_slot][...] = o.astype(dtype)
+            o_s.at[o_slot][...] = o.astype(o_s.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s.at[o_slot], o_ref.at[g // heads, pl.ds(n * c, c), g % heads, v_cols])
+            return d_s[slot, 0] * state + update
 
-            @pl.when(reload)
-            def _():
-                if cluster > 1:
-                    plgpu.barrier_wait(consumed.at[slot])
-                load(n + stages, slot)
+        sources = [(lambda n, ref=ref: ref.at[g, n], True) for ref in (w_ref, kt_ref, q_ref, a_ref)]
+        sources += [(lambda n: u_ref.at[g, n, :, v_cols], False), (lambda n: d_ref.at[g, n], False)]
+        f_s[...] = _chunk_ring(sources, rings, loaded, consumed, n_chunks=n_chunks, stages=stages, cluster=cluster,
+                               reverse=False, step=chunk, carry=f_s[...])
+        _store_state(f_s, final_ref.at[g, :, v_cols])
 
-            return state
+    _run_scoped(scoped, *_forward_tiles(c, pk, bv), w_ref.dtype, stages=stages, cluster=cluster, pk=pk, bv=bv)
 
-        f_s[...] = lax.fori_loop(0, n_chunks, chunk, f_s[...])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(f_s, final_ref.at[g, :, v_cols])
-        plgpu.wait_smem_to_gmem(0)
 
+def _backward_kernel(wt_ref, k_ref, qt_ref, at_ref, d_ref, d_o_ref, d_final_ref, d_u_ref, d_next_ref, d_s0_ref, *,
+                     heads, bv, stages, cluster):
+    """The reverse walk with the outputs' cotangents formed on the way, ``pallas_walk.
+    backward_step`` per chunk from dS = dL/dS_{n+1}:
+
+        dV = attn_n^T dO_n + k_out_n dS        dS <- d_n dS - W_n^T dV + q_in_n^T dO_n
+
+    storing dS (d_next) and dV (d_u) from the shared-memory tiles the WGMMAs read. Refs: w, q_in
+    and attn transposed (``[G, N, K, C]``, ``[G, N, K, C]``, ``[G, N, C, C]``), k_out ``[G, N, C,
+    K]``, d_o ``[B, N*C, H, V]``, d_final and d_s0 ``[G, K, V]`` float32, d_u ``[G, N, C, V]``,
+    d_next ``[G, N, K, V]``. Per chunk the stores are dS then dV: before either tile is written
+    again, ``wait_smem_to_gmem(1)`` leaves only the other one's last store reading."""
+    n_chunks, pk, c = wt_ref.shape[1:]
+    g, v_cols = _program(bv, cluster)
+
+    def scoped(rings, loaded, consumed, ds_s, dv_s, f_s, final_loaded):
+        wt_s, k_s, qt_s, at_s, do_s, d_s = rings
+        plgpu.copy_gmem_to_smem(d_final_ref.at[g, :, v_cols], f_s, final_loaded)
+        plgpu.barrier_wait(final_loaded)
+
+        def chunk(n, slot, d_state):
+            _operand(ds_s, d_state, d_next_ref.at[g, n, :, v_cols], 1)
+
+            def first(accs):
+                from_outputs_acc, dv_acc, _ = accs
+                plgpu.wgmma(from_outputs_acc, qt_s.at[slot], do_s.at[slot])
+                plgpu.wgmma(dv_acc, at_s.at[slot], do_s.at[slot])
+                plgpu.wgmma(dv_acc, k_s.at[slot], ds_s)
+
+            def then(accs):
+                from_outputs_acc, dv_acc, carried_acc = accs
+                _operand(dv_s, dv_acc[...], d_u_ref.at[g, n, :, v_cols], 1)
+                plgpu.wgmma(carried_acc, wt_s.at[slot], dv_s)
+                return carried_acc[...], from_outputs_acc[...]
+
+            carried, from_outputs = _matmuls(first, then, [(pk, bv), (c, bv), (pk, bv)])
+            return d_s[slot, 0] * d_state - carried + from_outputs
+
+        sources = [(lambda n, ref=ref: ref.at[g, n], True) for ref in (wt_ref, k_ref, qt_ref, at_ref)]
+        sources += [(lambda n: d_o_ref.at[g // heads, pl.ds(n * c, c), g % heads, v_cols], False),
+                    (lambda n: d_ref.at[g, n], False)]
+        f_s[...] = _chunk_ring(sources, rings, loaded, consumed, n_chunks=n_chunks, stages=stages, cluster=cluster,
+                               reverse=True, step=chunk, carry=f_s[...])
+        _store_state(f_s, d_s0_ref.at[g, :, v_cols])
+
+    _run_scoped(scoped, *_backward_tiles(c, pk, bv), wt_ref.dtype, stages=stages, cluster=cluster, pk=pk, bv=bv)
+
+
+def _store_state(f_s, dst):
+    """The float32 state tile ``f_s`` (written just before) to HBM, waiting for every store."""
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f_s, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def smem_bytes(ring_shapes, operand_shapes, stages: int, pk: int, bv: int, itemsize: int = 2) -> int:
+    """Shared memory of ``_run_scoped``'s buffers: the ring's 16-bit tiles and decay rows, the
+    16-bit operand tiles and the float32 state."""
+    tiles = stages * sum(math.prod(shape) for shape in ring_shapes) + sum(math.prod(s) for s in operand_shapes)
+    return tiles * itemsize + (stages * DECAY_LANES + pk * bv) * 4
+
+
+def _run_scoped(scoped, ring_shapes, operand_shapes, dtype, *, stages, cluster, pk, bv):
+    """``scoped(rings, loaded, consumed, *operand tiles, state tile, state barrier)``: the ring
+    (a ``[stages, ...]`` buffer per ring shape, then the decay rows; one ``loaded`` barrier per
+    slot for all of its copies; the cluster barrier ``consumed`` per slot, or None), the 16-bit
+    operand tiles and the float32 state tile, all in the WGMMA layout of the V-block's width."""
     tiles = _smem_layout(bv, dtype)
-    ring = lambda *shape: plgpu.SMEM((stages, *shape), dtype, transforms=tiles)
+    rings = [plgpu.SMEM((stages, *shape), dtype, transforms=tiles) for shape in ring_shapes]
+    rings.append(plgpu.SMEM((stages, DECAY_LANES), F32))
     consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1 else None
-    pl.run_scoped(
-        scoped, ring(c, pk), ring(pk, c), ring(c, pk), ring(c, c), ring(c, bv),
-        plgpu.SMEM((stages, DECAY_LANES), F32),
-        plgpu.SMEM((pk, bv), dtype, transforms=tiles), plgpu.SMEM((c, bv), dtype, transforms=tiles),
-        plgpu.SMEM((2, c, bv), dtype, transforms=tiles), plgpu.SMEM((pk, bv), F32, transforms=_smem_layout(bv, F32)),
-        plgpu.Barrier(num_arrivals=6, num_barriers=stages), consumed, plgpu.Barrier())
+    pl.run_scoped(lambda *refs: scoped(refs[:len(rings)], *refs[len(rings):]), *rings,
+                  plgpu.Barrier(num_arrivals=len(rings), num_barriers=stages), consumed,
+                  *(plgpu.SMEM(shape, dtype, transforms=tiles) for shape in operand_shapes),
+                  plgpu.SMEM((pk, bv), F32, transforms=_smem_layout(bv, F32)), plgpu.Barrier())
 
 
-def smem_bytes(c: int, pk: int, bv: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory the kernel allocates: the ring (w, k_out^T, q_in ``[C, K]``, attn ``[C, C]``,
-    u ``[C, BV]``, the decay row), S and V' as WGMMA operands, two output tiles and the float32
-    start/final state."""
-    ring = stages * ((3 * c * pk + c * c + c * bv) * itemsize + DECAY_LANES * 4)
-    return ring + (pk * bv + 3 * c * bv) * itemsize + pk * bv * 4
+# Shared-memory tiles of each kernel: its ring's 16-bit tiles per slot, then its operand tiles
+# (forward: S, V', two output tiles; backward: dS, dV).
+def _forward_tiles(c, pk, bv):
+    return [(c, pk), (pk, c), (c, pk), (c, c), (c, bv)], [(pk, bv), (c, bv), (2, c, bv)]
 
 
-def _launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=False):
-    """The kernel on ``pallas_gpu._walk_outputs_launch``'s inputs and outputs (flat groups G =
-    batch x heads; w, k_out, q_in ``[G, N, C, K]``, attn ``[G, N, C, C]``, u ``[G, N, C, V]`` in
-    16 bits, decay ``[G, N, K, 1]`` and s0 ``[G, K, V]`` float32, head dims padded by
-    ``mosaic_dims``): o ``[B, N*C, H, V]`` in the terms' dtype and the final state ``[G, K, V]``
-    float32, with ``keep`` also the entry states ``[G, N, K, V]`` and V' ``[G, N, C, V]``. The
-    kernel takes k_out transposed and the chunk decay as a 128-byte row."""
-    groups, n, c, pk = w.shape
-    pv = u.shape[-1]
+def _backward_tiles(c, pk, bv):
+    return [(pk, c), (c, pk), (pk, c), (c, c), (c, bv)], [(pk, bv), (c, bv)]
+
+
+def _kernel_call(body, tiles, heads, out_type, operands, *, c, pk, pv, dtype):
+    """``body`` (a kernel above, its settings bound here) as a Mosaic GPU kernel over (group,
+    V-block), the V-blocks of a head in clusters of ``CLUSTER`` when that divides them (not in
+    the interpreter, which has no cluster allocations); checks the chunk size and the shared
+    memory first."""
     if c % WGMMA_ROWS:
         raise ValueError(f"the Mosaic GPU walk needs chunks of a multiple of {WGMMA_ROWS} tokens; got {c}")
     bv, stages = BLOCK_V, STAGES
-    cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
-    if (need := smem_bytes(c, pk, bv, stages, w.dtype.itemsize)) > SMEM_BYTES:
+    ring_shapes, operand_shapes = tiles(c, pk, bv)
+    if (need := smem_bytes(ring_shapes, operand_shapes, stages, pk, bv, jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
         raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv} "
                          f"and {stages} ring slots; a block has {SMEM_BYTES // 1024} KiB: lower STAGES or BLOCK_V")
+    cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
+    groups = operands[0].shape[0]
     mesh = dict(grid=(groups, pv // bv // cluster), grid_names=("g", "vb"))
     if cluster > 1:
         mesh.update(cluster=(cluster,), cluster_names=("cluster",))
+    kernel = plgpu.kernel(functools.partial(body, heads=heads, bv=bv, stages=stages, cluster=cluster),
+                          out_type=tuple(out_type), interpret=_interpret_params(), **mesh)
+    return kernel(*operands)
+
+
+def _decay_rows(decay):
+    """The chunk decay ``[G, N, K, 1]`` (a column per chunk) as 128-byte rows ``[G, N, 32]``."""
+    return jnp.broadcast_to(decay[:, :, :1, 0], (*decay.shape[:2], DECAY_LANES))
+
+
+def _launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=False):
+    """The forward kernel on ``pallas_gpu._walk_outputs_launch``'s inputs and outputs (flat
+    groups G = batch x heads; w, k_out, q_in ``[G, N, C, K]``, attn ``[G, N, C, C]``, u ``[G, N,
+    C, V]`` in 16 bits, decay ``[G, N, K, 1]`` and s0 ``[G, K, V]`` float32, head dims padded by
+    ``mosaic_dims``): o ``[B, N*C, H, V]`` in the terms' dtype and the final state ``[G, K, V]``
+    float32, with ``keep`` also the entry states ``[G, N, K, V]`` and V' ``[G, N, C, V]``. The
+    kernel takes k_out transposed."""
+    groups, n, c, pk = w.shape
+    pv = u.shape[-1]
     out_type = [jax.ShapeDtypeStruct((groups // heads, n * c, heads, pv), w.dtype),
                 jax.ShapeDtypeStruct((groups, pk, pv), F32)]
     if keep:
         out_type += forward_out_shapes(groups, n, c, pk, pv, w.dtype)[:2]
-    kernel = plgpu.kernel(
-        functools.partial(_walk_kernel, heads=heads, bv=bv, stages=stages, cluster=cluster),
-        out_type=tuple(out_type), interpret=_interpret_params(), **mesh)
-    k_t = jnp.swapaxes(k_out, -1, -2)
-    decay_row = jnp.broadcast_to(decay[:, :, :1, 0], (groups, n, DECAY_LANES))
-    return kernel(w, u, k_t, decay_row, q_in, attn, s0)
+    operands = (w, u, jnp.swapaxes(k_out, -1, -2), _decay_rows(decay), q_in, attn, s0)
+    return _kernel_call(_forward_kernel, _forward_tiles, heads, out_type, operands, c=c, pk=pk, pv=pv, dtype=w.dtype)
+
+
+def _backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_final):
+    """The reverse-walk kernel on ``pallas_gpu._walk_outputs_backward_launch``'s inputs and
+    outputs: d_u ``[G, N, C, V]`` and d_next ``[G, N, K, V]`` in the terms' dtype, d_s0 ``[G, K,
+    V]`` float32. The kernel takes w, q_in and attn transposed."""
+    groups, n, c, pk = w.shape
+    pv = d_o.shape[-1]
+    t = lambda x: jnp.swapaxes(x, -1, -2)
+    operands = (t(w), k_out, t(q_in), t(attn), _decay_rows(decay), d_o, d_final)
+    return _kernel_call(_backward_kernel, _backward_tiles, heads, backward_out_shapes(groups, n, c, pk, pv, w.dtype),
+                        operands, c=c, pk=pk, pv=pv, dtype=w.dtype)
 
 
 def mosaic_dims(d_k: int, d_v: int) -> tuple[int, int]:
@@ -211,14 +349,14 @@ def mosaic_dims(d_k: int, d_v: int) -> tuple[int, int]:
     return max(pk, WGMMA_ROWS), max(pv, BLOCK_V)
 
 
-_mosaic_walk_outputs = fused_backward(_launch)
+_mosaic_walk_outputs = fused_backward(_launch, _backward_launch)
 
 
 def mosaic_walk_outputs(terms, initial_state, seq_len):
-    """``pallas_gpu.gpu_walk_outputs_fused_backward`` with the Mosaic GPU kernel as its forward
-    walk, for 16-bit terms: o ``[B, T, H, V]`` in the terms' dtype and the final state;
-    differentiated, the kernel also keeps the entry states and V' for the Triton reverse walk
-    that forms the outputs' cotangents. float32 terms run ``gpu_walk_outputs`` (3xTF32)."""
+    """``pallas_gpu.gpu_walk_outputs_fused_backward`` with both walks in Mosaic GPU, for 16-bit
+    terms: o ``[B, T, H, V]`` in the terms' dtype and the final state; differentiated, the
+    forward kernel also keeps the entry states and V' for the reverse-walk kernel. float32 terms
+    run ``gpu_walk_outputs`` (3xTF32)."""
     if terms.w.dtype == F32:
         return gpu_walk_outputs(terms, initial_state, seq_len)
     o, final = walk_outputs_call(terms, initial_state, _mosaic_walk_outputs, mosaic_dims)
