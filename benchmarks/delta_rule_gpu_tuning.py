@@ -73,9 +73,10 @@ PRECISIONS = {
 }
 # (V-block, num_warps, num_stages); session 9 swept 32-128 x 4/8 warps x 2/3 stages on the unfused walk
 LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 2)]
-# (V-block, ring slots, cluster) of the Mosaic GPU walk; the first is its default
-# (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes)
-MOSAIC_LAUNCHES = [(32, 3, 8), (32, 3, 1), (32, 2, 8), (32, 2, 1), (32, 3, 4), (64, 2, 4), (64, 2, 1), (64, 2, 2)]
+# (V-block, ring slots, cluster) of the Mosaic GPU walks; the second is their default
+# (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes).
+# Without a cluster first: the multicast path is the one the CPU interpreter could not run.
+MOSAIC_LAUNCHES = [(32, 3, 1), (32, 3, 8), (32, 2, 1), (32, 2, 8), (32, 3, 4), (64, 2, 1), (64, 2, 4), (64, 2, 2)]
 # (impl, per-chunk gradients, the kernel's V-block, warps): today's default first
 GRADIENTS = [("pallas", "xla", 64, 8), ("pallas", "kernel", 64, 8), ("pallas_triton_fused_backward", "xla", 64, 8),
              ("pallas_triton_fused_backward", "kernel", 64, 8), ("pallas_triton_fused_backward", "kernel", 32, 4),
@@ -85,6 +86,8 @@ TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAM
 PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
 ERROR_TAIL_LINES = 40
+MAX_TIMEOUTS = 2  # per sweep
+MOSAIC_TIMEOUT_S = 150  # a Mosaic setting compiles and runs in well under this; a hang costs no more
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch", "gradients")
 # (terms' VJP, warps of the terms kernels): measured so far at the walk's 4 warps
 TERMS_BACKWARDS = [("xla", 4), ("kernel", 4), ("kernel", 8)]
@@ -235,16 +238,16 @@ def gradients_row(impl, mode, block_v, warps):
     return forward_backward_row(impl)
 
 
-def in_fresh_process(*setting):
+def in_fresh_process(*setting, timeout_s=SETTING_TIMEOUT_S):
     """One setting in a new process; a setting that fails to compile or run (e.g. shared memory
-    exceeded) or takes over ``SETTING_TIMEOUT_S`` is a result of the sweep, recorded with the
-    last exception line of its error (and the JSON keeps the last ``ERROR_TAIL_LINES`` lines of its
+    exceeded) or takes over ``timeout_s`` is a result of the sweep, recorded with the last
+    exception line of its error (and the JSON keeps the last ``ERROR_TAIL_LINES`` lines of its
     stderr, to debug a kernel from one run)."""
     command = [sys.executable, "-m", "benchmarks.delta_rule_gpu_tuning", "--one", *map(str, setting)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=SETTING_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return dict(ms=None, error=f"timed out after {SETTING_TIMEOUT_S} s")
+        return dict(ms=None, error=f"timed out after {timeout_s} s", timed_out=True)
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
     lines = done.stderr.strip().splitlines() or ["no output"]
@@ -252,13 +255,19 @@ def in_fresh_process(*setting):
     return dict(ms=None, error=(raised or lines)[-1][:200], stderr_tail="\n".join(lines[-ERROR_TAIL_LINES:]))
 
 
-def fresh_process_sweep(kind, settings, label, save):
+def fresh_process_sweep(kind, settings, label, save, timeout_s=SETTING_TIMEOUT_S):
     """``in_fresh_process(kind, *setting)`` for each setting, as rows ``{**label(setting), ...}``;
     each row is printed and ``save(rows)`` called as soon as it is measured, so a run cut short
-    keeps every finished setting."""
+    keeps every finished setting. After ``MAX_TIMEOUTS`` settings have timed out (a kernel that
+    hangs, e.g. a barrier never reached) the rest are recorded as skipped rather than each
+    spending ``timeout_s`` of device time."""
     rows = []
     for setting in settings:
-        rows.append(dict(label(setting), **in_fresh_process(kind, *setting)))
+        if sum(row.get("timed_out", False) for row in rows) >= MAX_TIMEOUTS:
+            result = dict(ms=None, error=f"skipped after {MAX_TIMEOUTS} settings timed out")
+        else:
+            result = in_fresh_process(kind, *setting, timeout_s=timeout_s)
+        rows.append(dict(label(setting), **result))
         print(rows[-1], flush=True)
         save(rows)
     return rows
@@ -333,7 +342,7 @@ def main(argv=None):
     if "mosaic" in args.sections:
         mosaic_columns = ("block_v", "stages", "cluster")
         mosaic_rows = fresh_process_sweep("mosaic", MOSAIC_LAUNCHES, lambda s: dict(zip(mosaic_columns, s)),
-                                          lambda rows: save(mosaic=rows))
+                                          lambda rows: save(mosaic=rows), timeout_s=MOSAIC_TIMEOUT_S)
         print_table([_shown(r) for r in mosaic_rows],
                     [*mosaic_columns, "o_rel_err", "state_rel_err", "walk_ms", "triton_walk_ms", "ms",
                      "B8_T4096_ms"])
