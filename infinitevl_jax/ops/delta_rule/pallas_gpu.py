@@ -122,20 +122,26 @@ def _block_v(d_v):
     return min(d_v, MAX_BLOCK_V)
 
 
+def _walk_call(kernel, name, groups, d_v, dtype, in_specs, out_specs, out_shape):
+    """``kernel`` (taking ``precision``) as one program per (group, V-block) on this backend's
+    launch settings for terms of ``dtype``."""
+    interpret, params, precision = backend_params(dtype)
+    return pl.pallas_call(functools.partial(kernel, precision=precision), grid=(groups, d_v // _block_v(d_v)),
+                          in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+                          compiler_params=params, name=name)
+
+
 def _forward_call(w, u, k_out, decay, s0):
     """``WalkCalls.forward`` (shapes there)."""
     groups, n, c, d_k = w.shape
     d_v = u.shape[-1]
     bv = _block_v(d_v)
-    interpret, params, precision = backend_params(w.dtype)
-    return pl.pallas_call(
-        functools.partial(_walk_forward_kernel, precision=precision),
-        grid=(groups, d_v // bv),
+    return _walk_call(
+        _walk_forward_kernel, "gdn_state_walk_fwd", groups, d_v, w.dtype,
         in_specs=[_by_group(n, c, d_k), _by_group_v(n, c, bv), _by_group(n, c, d_k), _by_group(n, d_k, 1),
                   _by_group_v(d_k, bv)],
         out_specs=[_by_group_v(n, d_k, bv), _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
         out_shape=forward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
-        interpret=interpret, compiler_params=params, name="gdn_state_walk_fwd",
     )(w, u, k_out, decay, s0)
 
 
@@ -144,15 +150,12 @@ def _backward_call(w, k_out, decay, d_states, d_v_new, d_final):
     groups, n, c, d_k = w.shape
     d_v = d_v_new.shape[-1]
     bv = _block_v(d_v)
-    interpret, params, precision = backend_params(w.dtype)
-    return pl.pallas_call(
-        functools.partial(_walk_backward_kernel, precision=precision),
-        grid=(groups, d_v // bv),
+    return _walk_call(
+        _walk_backward_kernel, "gdn_state_walk_bwd", groups, d_v, w.dtype,
         in_specs=[_by_group(n, c, d_k), _by_group(n, c, d_k), _by_group(n, d_k, 1), _by_group_v(n, d_k, bv),
                   _by_group_v(n, c, bv), _by_group_v(d_k, bv)],
         out_specs=[_by_group_v(n, c, bv), _by_group_v(n, d_k, bv), _by_group_v(d_k, bv)],
         out_shape=backward_out_shapes(groups, n, c, d_k, d_v, w.dtype),
-        interpret=interpret, compiler_params=params, name="gdn_state_walk_bwd",
     )(w, k_out, decay, d_states, d_v_new, d_final)
 
 
@@ -284,20 +287,17 @@ def _walk_outputs_launch(heads, w, u, k_out, decay, q_in, attn, s0, keep=False):
     groups, n, c, pk = w.shape
     pv = u.shape[-1]
     bv = _block_v(pv)
-    interpret, params, precision = backend_params(w.dtype)
     out_specs = [_token_rows(heads, n * c, bv), _by_group_v(pk, bv)]
     out_shape = [jax.ShapeDtypeStruct((groups // heads, n * c, heads, pv), w.dtype),
                  jax.ShapeDtypeStruct((groups, pk, pv), F32)]
     if keep:
         out_specs += [_by_group_v(n, pk, bv), _by_group_v(n, c, bv)]
         out_shape += forward_out_shapes(groups, n, c, pk, pv, w.dtype)[:2]
-    return pl.pallas_call(
-        functools.partial(_walk_outputs_kernel, precision=precision),
-        grid=(groups, pv // bv),
+    return _walk_call(
+        _walk_outputs_kernel, "gdn_walk_outputs_fwd", groups, pv, w.dtype,
         in_specs=[_by_group(n, c, pk), _by_group_v(n, c, bv), _by_group(n, c, pk), _by_group(n, pk, 1),
                   _by_group(n, c, pk), _by_group(n, c, c), _by_group_v(pk, bv)],
-        out_specs=out_specs, out_shape=out_shape, interpret=interpret, compiler_params=params,
-        name="gdn_walk_outputs_fwd",
+        out_specs=out_specs, out_shape=out_shape,
     )(w, u, k_out, decay, q_in, attn, s0)
 
 
@@ -336,15 +336,12 @@ def _walk_outputs_backward_launch(heads, w, k_out, decay, q_in, attn, d_o, d_fin
     groups, n, c, pk = w.shape
     pv = d_o.shape[-1]
     bv = _block_v(pv)
-    interpret, params, precision = backend_params(w.dtype)
-    return pl.pallas_call(
-        functools.partial(_walk_outputs_backward_kernel, precision=precision),
-        grid=(groups, pv // bv),
+    return _walk_call(
+        _walk_outputs_backward_kernel, "gdn_walk_outputs_bwd", groups, pv, w.dtype,
         in_specs=[_by_group(n, c, pk), _by_group(n, c, pk), _by_group(n, pk, 1), _by_group(n, c, pk),
                   _by_group(n, c, c), _token_rows(heads, n * c, bv), _by_group_v(pk, bv)],
         out_specs=[_by_group_v(n, c, bv), _by_group_v(n, pk, bv), _by_group_v(pk, bv)],
         out_shape=backward_out_shapes(groups, n, c, pk, pv, w.dtype),
-        interpret=interpret, compiler_params=params, name="gdn_walk_outputs_bwd",
     )(w, k_out, decay, q_in, attn, d_o, d_final)
 
 

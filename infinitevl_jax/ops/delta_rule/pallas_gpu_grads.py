@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from infinitevl_jax.ops.delta_rule.pallas_walk import F32, dot
@@ -42,14 +43,14 @@ def _chunk_grads_kernel(s_ref, ds_ref, du_ref, vn_ref, *refs, block_v, precision
         acc = dict(acc)
         acc["dw"] = acc["dw"] - dot(du_ref[:, cols], s, precision, rows_t)
         acc["dk"] = acc["dk"] + dot(vn, ds, precision, rows_t)
-        acc["dd"] = acc["dd"] + jax.numpy.sum(s.astype(F32) * ds.astype(F32), axis=1, keepdims=True)
+        acc["dd"] = acc["dd"] + jnp.sum(s.astype(F32) * ds.astype(F32), axis=1, keepdims=True)
         if with_outputs:
             do = do_ref[:, cols]
             acc["dq"] = acc["dq"] + dot(do, s, precision, rows_t)
             acc["da"] = acc["da"] + dot(do, vn, precision, rows_t)
         return acc
 
-    zeros = lambda *shape: jax.numpy.zeros(shape, F32)
+    zeros = lambda *shape: jnp.zeros(shape, F32)
     acc = dict(dw=zeros(c, d_k), dk=zeros(c, d_k), dd=zeros(d_k, 1))
     if with_outputs:
         acc.update(dq=zeros(c, d_k), da=zeros(c, c))
