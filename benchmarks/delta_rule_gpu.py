@@ -33,8 +33,8 @@ from benchmarks.delta_rule_setup import forward, forward_backward
 H, K, V = 16, 128, 256
 SHAPES = [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
 IMPLS = ("pallas", "chunked")  # timed by default; --impls also takes the Triton variants below
-IMPL_CHOICES = ("pallas", "pallas_mosaic_gpu", "pallas_triton_fused_backward", "pallas_triton_unfused",
-                "pallas_triton_xla_terms", "chunked")
+IMPL_CHOICES = ("pallas", "pallas_mosaic_gpu", "pallas_triton_fused_backward", "pallas_triton",
+                "pallas_triton_unfused", "pallas_triton_xla_terms", "chunked")
 FWD_FLOP, FWD_BYTES = 312.7e3, 1542.0  # per token and head
 BWD_FLOP, BWD_BYTES = 852.0e3, 4600.0
 PEAKS = {"H100": (798e12, 3.0e12), "H200": (790e12, 4.3e12)}  # measured bf16 FLOP/s, copy B/s

@@ -30,8 +30,7 @@
    (``pallas_gpu_terms.TERMS_NUM_WARPS``; the walk keeps its own): the kernel alone (bf16
    inputs, as forward-only calls run it) at B1 T65536 and B8 T4096, beside XLA's
    ``prepare_chunks`` in the same process, and the whole forward at B1 T65536.
-
-7. gradients: forward+backward of ``pallas``, ``pallas_triton_fused_backward`` and
+7. gradients: forward+backward of ``pallas_triton``, ``pallas_triton_fused_backward`` and
    ``pallas_mosaic_gpu`` (the same walks in Mosaic GPU kernels) with the
    per-chunk gradients after the reverse walk in XLA or in one kernel
    (``pallas_gpu.CHUNK_GRADIENTS``, ``pallas_gpu_grads``' V-block and warps), at B1 T65536 and B8
@@ -73,14 +72,14 @@ PRECISIONS = {
 }
 # (V-block, num_warps, num_stages); session 9 swept 32-128 x 4/8 warps x 2/3 stages on the unfused walk
 LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 2)]
-# (V-block, ring slots, cluster) of the Mosaic GPU walks; the second is their default
+# (V-block, ring slots, cluster) of the Mosaic GPU walks; the first is their default
 # (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes).
-# Without a cluster first: the multicast path is the one the CPU interpreter could not run.
 MOSAIC_LAUNCHES = [(32, 3, 1), (32, 3, 8), (32, 2, 1), (32, 2, 8), (32, 3, 4), (64, 2, 1), (64, 2, 4), (64, 2, 2)]
-# (impl, per-chunk gradients, the kernel's V-block, warps): today's default first
-GRADIENTS = [("pallas", "xla", 64, 8), ("pallas", "kernel", 64, 8), ("pallas_triton_fused_backward", "xla", 64, 8),
-             ("pallas_triton_fused_backward", "kernel", 64, 8), ("pallas_triton_fused_backward", "kernel", 32, 4),
-             ("pallas_triton_fused_backward", "kernel", 128, 8), ("pallas_mosaic_gpu", "xla", 64, 8),
+# (impl, per-chunk gradients, the kernel's V-block, warps); a V-block of 128 at 8 warps needs
+# 272 KiB of shared memory (failed on an H200)
+GRADIENTS = [("pallas_triton", "xla", 64, 8), ("pallas_triton", "kernel", 64, 8),
+             ("pallas_triton_fused_backward", "xla", 64, 8), ("pallas_triton_fused_backward", "kernel", 64, 8),
+             ("pallas_triton_fused_backward", "kernel", 32, 4), ("pallas_mosaic_gpu", "xla", 64, 8),
              ("pallas_mosaic_gpu", "kernel", 64, 8)]
 TERMS_WARPS = [4, 8, 2]  # the first is today's setting (the walk's TRITON_PARAMS)
 PROFILE_CALLS = 5

@@ -25,6 +25,7 @@ float64 lives only in NumPy; JAX runs in its default float32 mode.
 from __future__ import annotations
 
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -259,7 +260,7 @@ def test_long_sequence_with_resets_zero_decay_chunks_and_spikes(impl):
     assert_matches_ref(o, state, ref_o, ref_state)
 
 
-@pytest.mark.parametrize("backend,kernel", [("gpu", "pallas_triton"), ("tpu", "pallas_mosaic_tpu"),
+@pytest.mark.parametrize("backend,kernel", [("gpu", "pallas_triton_fused_backward"), ("tpu", "pallas_mosaic_tpu"),
                                             ("cpu", "chunked")])
 def test_auto_picks_the_backends_pallas_kernel_and_recurrent_for_one_token(monkeypatch, backend, kernel):
     from infinitevl_jax.ops.delta_rule import resolve_impl
@@ -267,7 +268,35 @@ def test_auto_picks_the_backends_pallas_kernel_and_recurrent_for_one_token(monke
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert resolve_impl("auto", 1) == "recurrent"
     assert resolve_impl("auto", 300) == kernel
-    assert resolve_impl("pallas", 300) == ("pallas_triton" if backend != "tpu" else "pallas_mosaic_tpu")
+    assert resolve_impl("pallas", 300) == ("pallas_triton_fused_backward" if backend != "tpu" else "pallas_mosaic_tpu")
+
+
+@pytest.mark.parametrize("hopper,batch_heads,head_dims,kernel", [
+    (True, 32, (128, 256), "pallas_mosaic_gpu"),             # B2 H16 at the 4B dims
+    (True, 16, (128, 256), "pallas_triton_fused_backward"),  # B1 H16: the Triton walks measured as fast
+    (True, 64, (256, 256), "pallas_triton_fused_backward"),  # the Mosaic walks exceed shared memory
+    (True, 64, None, "pallas_triton_fused_backward"),        # head dims not given
+    (False, 64, (128, 256), "pallas_triton_fused_backward"),  # not a Hopper GPU
+])
+def test_pallas_on_gpu_picks_the_mosaic_walks_on_hopper_with_enough_states(monkeypatch, hopper, batch_heads,
+                                                                           head_dims, kernel):
+    import infinitevl_jax.ops.delta_rule as delta_rule
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(delta_rule, "is_hopper", lambda: hopper)
+    assert delta_rule.resolve_impl("pallas", 300, batch_heads, head_dims) == kernel
+    assert delta_rule.resolve_impl("auto", 300, batch_heads, head_dims) == kernel
+    assert delta_rule.resolve_impl("pallas", 1, batch_heads, head_dims) == kernel  # explicit pallas: any T
+
+
+def test_is_hopper_reads_the_devices_compute_capability(monkeypatch):
+    import infinitevl_jax.ops.delta_rule as delta_rule
+
+    for capability, want in (("9.0", True), ("8.0", False), ("10.0", False)):
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [types.SimpleNamespace(compute_capability=c)])
+        assert delta_rule.is_hopper() is want
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace()])  # a CPU or TPU device
+    assert delta_rule.is_hopper() is False
 
 
 # --------------------------------------------------------------------------------------------

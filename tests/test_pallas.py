@@ -321,7 +321,8 @@ def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluste
     module is compiled on the GPU): d_k 128, d_v 256, chunk 64, bf16; with a cluster of 8
     V-blocks multicasting the K-wide tiles (the path the interpreter cannot run) and without.
     Forward-only calls run it beside the Triton terms kernel; differentiated calls run it (with
-    the entry states and V' kept) and the Mosaic GPU reverse walk, on XLA's terms."""
+    the entry states and V' kept) and the Mosaic GPU reverse walk, on XLA's terms, and then the
+    Triton per-chunk gradients kernel (``CHUNK_GRADIENTS = "kernel"``, the default)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compile, not the interpreters
     monkeypatch.setattr(pallas_mosaic_gpu, "CLUSTER", cluster)
     shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
@@ -333,7 +334,8 @@ def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluste
     forward = lower(loss)
     assert forward.count("mosaic_gpu_v2") == 1 and forward.count("__gpu$xla.gpu.triton") == 1
     backward = lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    assert backward.count("mosaic_gpu_v2") == 2 and "__gpu$xla.gpu.triton" not in backward
+    assert backward.count("mosaic_gpu_v2") == 2 and backward.count("__gpu$xla.gpu.triton") == 1
+    assert "gdn_chunk_grads" in backward
 
 
 def test_terms_kernel_takes_its_own_warps(monkeypatch):
@@ -350,11 +352,13 @@ def test_terms_kernel_takes_its_own_warps(monkeypatch):
 
 
 @pytest.mark.parametrize("impl,kernels", [
-    ("pallas_triton", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs", "gdn_chunk_grads")),
-    ("pallas_triton_fused_backward", ("gdn_walk_outputs_fwd", "gdn_walk_outputs_bwd", "gdn_chunk_grads"))])
-def test_chunk_gradients_kernel_lowers_for_cuda(monkeypatch, impl, kernels):
+    ("pallas_triton", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+    ("pallas_triton_fused_backward", ("gdn_walk_outputs_fwd", "gdn_walk_outputs_bwd"))])
+def test_chunk_gradients_in_xla_leave_out_their_kernel(monkeypatch, impl, kernels):
+    """``CHUNK_GRADIENTS = "xla"`` (the default is ``"kernel"``: TRITON_LOWERINGS) forms the
+    per-chunk gradients in XLA: no ``gdn_chunk_grads`` kernel."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(pallas_gpu, "CHUNK_GRADIENTS", "kernel")
+    monkeypatch.setattr(pallas_gpu, "CHUNK_GRADIENTS", "xla")
     shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
     args = (shape(1, 256, 2, 128), shape(1, 256, 2, 128), shape(1, 256, 2, 256), shape(1, 256, 2, dt=jnp.float32),
             shape(1, 256, 2))
@@ -364,17 +368,20 @@ def test_chunk_gradients_kernel_lowers_for_cuda(monkeypatch, impl, kernels):
 
 
 # What each Triton impl's call lowers to, forward only and differentiated (the terms' VJP by
-# XLA, the default, or by the terms' backward kernel).
+# XLA, the default, or by the terms' backward kernel; the per-chunk gradients by their kernel).
 TRITON_LOWERINGS = [
     ("pallas_triton", False, "xla", ("gdn_chunk_terms", "gdn_walk_outputs_fwd")),
-    ("pallas_triton", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+    ("pallas_triton", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs",
+                                    "gdn_chunk_grads")),
     ("pallas_triton", True, "kernel", ("gdn_chunk_terms", "gdn_chunk_terms_bwd", "gdn_state_walk_fwd",
-                                       "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+                                       "gdn_state_walk_bwd", "gdn_chunk_outputs", "gdn_chunk_grads")),
     ("pallas_triton_unfused", False, "xla", ("gdn_chunk_terms", "gdn_state_walk_fwd", "gdn_chunk_outputs")),
-    ("pallas_triton_unfused", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs")),
+    ("pallas_triton_unfused", True, "xla", ("gdn_state_walk_fwd", "gdn_state_walk_bwd", "gdn_chunk_outputs",
+                                            "gdn_chunk_grads")),
     ("pallas_triton_xla_terms", False, "xla", ("gdn_state_walk_fwd", "gdn_chunk_outputs")),
     ("pallas_triton_fused_backward", False, "xla", ("gdn_chunk_terms", "gdn_walk_outputs_fwd")),
-    ("pallas_triton_fused_backward", True, "xla", ("gdn_walk_outputs_fwd", "gdn_walk_outputs_bwd"))]
+    ("pallas_triton_fused_backward", True, "xla", ("gdn_walk_outputs_fwd", "gdn_walk_outputs_bwd",
+                                                   "gdn_chunk_grads"))]
 
 
 @pytest.mark.parametrize("impl,with_backward,terms_backward,kernels", TRITON_LOWERINGS)

@@ -8,26 +8,27 @@ packed-sequence ``segment_ids`` into per-token resets, and dispatches:
 - ``"recurrent"``: ``lax.scan`` over tokens (reference speed; the decode step);
 - ``"chunked"``: pure-JAX chunk-parallel WY/UT form, chunk 64, any T;
 - ``"pallas"``: the walk across chunks in Pallas kernels with a hand-written reverse walk for
-  gradients: ``"pallas_triton"`` on GPU, ``"pallas_mosaic_tpu"`` on TPU, the Triton kernels
-  interpreted on CPU. For forward-only calls (inference, prefill) ``pallas_triton`` forms the
-  chunk-parallel terms in a Triton kernel (``pallas_gpu_terms``) and walks the chunks with the
-  outputs formed on the way (``pallas_gpu.gpu_walk_outputs``: entry states and V' never reach
-  HBM; 13-30% less time than separate kernels on an H200). Differentiated, its terms are XLA's
-  (``chunked.prepare_chunks``) and so is their VJP (``pallas_gpu_terms.TERMS_BACKWARD =
-  "kernel"`` swaps in a Triton backward for the terms, tested, and 1.06x slower than XLA's VJP
-  on an H200), and the walk and the outputs are separate kernels, which keep what the reverse
-  walk reads. ``pallas_mosaic_tpu`` forms the terms and outputs in XLA. Both named variants run
-  on CPU in their interpreters (tests);
+  gradients: on GPU ``"pallas_triton_fused_backward"``, or ``"pallas_mosaic_gpu"`` on Hopper
+  from ``MOSAIC_MIN_BATCH_HEADS`` B x H states on (``resolve_impl``); ``"pallas_mosaic_tpu"`` on
+  TPU; the Triton kernels interpreted on CPU. Each choice is the fastest measured on an H200
+  (benchmarks/RESULTS.md);
+- ``"pallas_triton"``: forward-only calls (inference, prefill) form the chunk-parallel terms in
+  a Triton kernel (``pallas_gpu_terms``) and walk the chunks with the outputs formed on the way
+  (``pallas_gpu.gpu_walk_outputs``: entry states and V' never reach HBM; 13-30% less time than
+  separate kernels on an H200). Differentiated, its terms are XLA's (``chunked.prepare_chunks``)
+  and so is their VJP (``pallas_gpu_terms.TERMS_BACKWARD = "kernel"`` swaps in a Triton backward
+  for the terms, tested, and 1.06x slower than XLA's VJP on an H200), and the walk and the
+  outputs are separate kernels, which keep what the reverse walk reads. ``pallas_mosaic_tpu``
+  forms the terms and outputs in XLA. Both run on CPU in their interpreters (tests);
 - ``"pallas_triton_fused_backward"``: ``pallas_triton`` whose differentiated calls run fused
   kernels too: the forward walk forms the outputs and keeps the entry states and V', and the
   reverse walk forms the outputs' cotangents of both on the way (``pallas_gpu.
-  gpu_walk_outputs_fused_backward``: those cotangents never reach HBM). Tested in interpret
-  mode and lowered for CUDA; not yet timed on a GPU, so ``"pallas"`` does not pick it;
+  gpu_walk_outputs_fused_backward``: those cotangents never reach HBM); forward+backward
+  14.2 ms against ``pallas_triton``'s 17.1 ms at B1 T65536 on an H200, in one run;
 - ``"pallas_mosaic_gpu"``: ``pallas_triton_fused_backward`` whose two walks, for 16-bit terms,
-  are Mosaic GPU (Hopper) kernels (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA, WGMMA, each
-  chunk's K-wide tiles multicast to a head's V-block programs in a cluster); float32 terms run
-  ``pallas_triton``. Tested in the Mosaic GPU interpreter and lowered for CUDA; not yet run on a
-  GPU, so ``"pallas"`` does not pick it;
+  are Mosaic GPU (Hopper) kernels (``pallas_mosaic_gpu.mosaic_walk_outputs``: TMA ring, WGMMA);
+  float32 terms run ``pallas_triton``. Tested in the Mosaic GPU interpreter; on an H200 its
+  forward+backward took 2-11% less time than the Triton kernels' from B2 H16 on;
 - ``"pallas_triton_unfused"``: ``pallas_triton`` with the walk and the outputs of forward-only
   calls in separate kernels (the default before the fused kernel was measured faster on an
   H200; kept for comparison in benchmarks/delta_rule_gpu.py);
@@ -55,6 +56,7 @@ from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.pallas_gpu import (gpu_chunk_outputs, gpu_walk_outputs,
                                                     gpu_walk_outputs_fused_backward, gpu_walk_states)
+from infinitevl_jax.ops.delta_rule import pallas_mosaic_gpu
 from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
 from infinitevl_jax.ops.delta_rule.pallas_mosaic_gpu import mosaic_walk_outputs
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
@@ -75,6 +77,12 @@ IMPLS = {
                                            walk_outputs=mosaic_walk_outputs),
     "pallas_mosaic_tpu": functools.partial(chunked_gated_delta_rule, walk=tpu_walk_states),
 }
+
+# "pallas" on a Hopper GPU runs the Mosaic GPU walks from this many B x H states on, and the
+# Triton walks below it. Measured on an H200 at H16 (benchmarks/RESULTS.md, session 15): with
+# B >= 2 (32+ states) Mosaic's forward+backward took 2-11% less time at every shape timed; at B1
+# (16 states, 128 V-block programs for 132 SMs) the two were within 3% either way.
+MOSAIC_MIN_BATCH_HEADS = 32
 
 __all__ = ["gated_delta_rule", "segment_resets", "IMPLS", "CHUNK_SIZE"]
 
@@ -107,15 +115,30 @@ def _check_shapes(q, k, v, g, beta, initial_state, segment_ids):
         raise ValueError("gated_delta_rule needs at least one token (time axis has length 0)")
 
 
-def resolve_impl(impl: str, seq_len: int) -> str:
-    """Maps ``"auto"`` and ``"pallas"`` to a concrete impl name; rejects unknown names."""
+def is_hopper() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (compute capability 9.x: H100/H200),
+    the only chips whose WGMMA and TMA the Mosaic GPU walks use."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def resolve_impl(impl: str, seq_len: int, batch_heads: int = 1, head_dims: tuple[int, int] | None = None) -> str:
+    """Maps ``"auto"`` and ``"pallas"`` to a concrete impl name; rejects unknown names.
+
+    ``"pallas"`` on GPU is ``pallas_triton_fused_backward``, or ``pallas_mosaic_gpu`` on Hopper
+    when there are at least ``MOSAIC_MIN_BATCH_HEADS`` states (``batch_heads`` = B x H) and its
+    walks fit shared memory at ``head_dims`` = (d_k, d_v) (not given: Triton)."""
     backend = jax.default_backend()
     if impl == "auto":
         if seq_len == 1:
             return "recurrent"
         impl = "pallas" if backend in ("gpu", "tpu") else "chunked"
     if impl == "pallas":
-        return "pallas_mosaic_tpu" if backend == "tpu" else "pallas_triton"
+        if backend == "tpu":
+            return "pallas_mosaic_tpu"
+        if (batch_heads >= MOSAIC_MIN_BATCH_HEADS and head_dims is not None
+                and pallas_mosaic_gpu.fits_shared_memory(*head_dims) and is_hopper()):
+            return "pallas_mosaic_gpu"
+        return "pallas_triton_fused_backward"
     if impl not in IMPLS:
         raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {['auto', 'pallas', *IMPLS]}")
     return impl
@@ -141,7 +164,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
     """
     _check_shapes(q, k, v, g, beta, initial_state, segment_ids)
     batch, seq_len, heads, d_k = q.shape
-    fn = IMPLS[resolve_impl(impl, seq_len)]
+    fn = IMPLS[resolve_impl(impl, seq_len, batch * heads, (d_k, v.shape[-1]))]
     if scale is None:
         scale = d_k ** -0.5
     matmul_dtype = matmul_dtype_for(v.dtype)

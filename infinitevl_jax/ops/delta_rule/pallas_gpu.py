@@ -47,8 +47,9 @@ NUM_STAGES_F32 = 2
 GPU_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 # The per-chunk gradients after the reverse walk: "xla" (batched matmuls, ``chunk_gradients``
 # and the outputs' VJP) or "kernel" (``pallas_gpu_grads``: one pass reading each operand once;
-# not yet timed on a GPU). Read when a call is traced.
-CHUNK_GRADIENTS = "xla"
+# forward+backward 15.09 -> 14.15 ms at B1 T65536 with the fused backward on an H200,
+# benchmarks/RESULTS.md). Read when a call is traced.
+CHUNK_GRADIENTS = "kernel"
 
 
 def _chunk_io(n, refs: dict):

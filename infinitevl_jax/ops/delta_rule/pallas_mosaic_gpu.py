@@ -15,7 +15,8 @@ registers, but written for Hopper instead of through Triton:
   each program loads a part and the TMA unit writes it into every program's shared memory, so
   a head reads them from L2 once instead of once per V-block. A cluster barrier per slot holds
   the next load into a slot until every program of the cluster has finished with it. (The Triton
-  walk's programs each read those tiles: ~7.3 GB at B1 T65536 with 8 V-blocks a head.)
+  walk's programs each read those tiles: ~7.3 GB at B1 T65536 with 8 V-blocks a head.) On an
+  H200 the cluster made the walk 1.5x slower (the settings below), so the default has none;
 - o_n = q_in_n S_n is issued together with W_n S_n, and attn_n V'_n together with k_out_n^T V'_n,
   so only the state's chain (W S, then k_out^T V') is waited for in turn.
 
@@ -48,11 +49,12 @@ from infinitevl_jax.ops.delta_rule.pallas_gpu import fused_backward, gpu_walk_ou
 from infinitevl_jax.ops.delta_rule.pallas_walk import F32, backward_out_shapes, forward_out_shapes
 
 # Launch settings, read when a kernel is traced (benchmarks/delta_rule_gpu_tuning.py sets them
-# in a fresh process per setting). Not yet measured on a GPU: 32-wide V-blocks and 3 slots as
-# the Triton walk's best setting; the cluster of 8 spans a head's V-blocks at V = 256.
+# in a fresh process per setting). Measured on an H200 (benchmarks/RESULTS.md, session 15): the
+# walk alone at B1 T65536 took 2.01 ms with 32-wide V-blocks, 3 slots and no cluster, 3.07 ms
+# with the multicast to a cluster of 8 and 3.16 ms with 4 (64-wide V-blocks were not reached).
 BLOCK_V = 32
 STAGES = 3
-CLUSTER = 8
+CLUSTER = 1
 WGMMA_ROWS = 64  # a WGMMA's M: the chunk size and the padded K are multiples of it
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 DECAY_LANES = 32  # the chunk decay repeated to 128 bytes, TMA's smallest copy for a warpgroup
@@ -286,6 +288,18 @@ def _backward_tiles(c, pk, bv):
     return [(pk, c), (c, pk), (pk, c), (c, c), (c, bv)], [(pk, bv), (c, bv)]
 
 
+def _walk_smem_bytes(tiles, c: int, pk: int, itemsize: int = 2) -> int:
+    """``smem_bytes`` of the walk whose tile shapes ``tiles`` gives, at today's settings."""
+    return smem_bytes(*tiles(c, pk, BLOCK_V), STAGES, pk, BLOCK_V, itemsize)
+
+
+def fits_shared_memory(d_k: int, d_v: int, c: int = 64) -> bool:
+    """Whether both Mosaic GPU walks fit a block's shared memory at head dims ``d_k``, ``d_v``
+    (16-bit terms, chunk ``c``, today's ``BLOCK_V`` and ``STAGES``): ``"pallas"`` picks them only then."""
+    pk, _ = mosaic_dims(d_k, d_v)
+    return max(_walk_smem_bytes(tiles, c, pk) for tiles in (_forward_tiles, _backward_tiles)) <= SMEM_BYTES
+
+
 def _kernel_call(body, tiles, heads, out_type, operands, *, c, pk, pv, dtype):
     """``body`` (a kernel above, its settings bound here) as a Mosaic GPU kernel over (group,
     V-block), the V-blocks of a head in clusters of ``CLUSTER`` when that divides them (not in
@@ -294,8 +308,7 @@ def _kernel_call(body, tiles, heads, out_type, operands, *, c, pk, pv, dtype):
     if c % WGMMA_ROWS:
         raise ValueError(f"the Mosaic GPU walk needs chunks of a multiple of {WGMMA_ROWS} tokens; got {c}")
     bv, stages = BLOCK_V, STAGES
-    ring_shapes, operand_shapes = tiles(c, pk, bv)
-    if (need := smem_bytes(ring_shapes, operand_shapes, stages, pk, bv, jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
+    if (need := _walk_smem_bytes(tiles, c, pk, jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
         raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv} "
                          f"and {stages} ring slots; a block has {SMEM_BYTES // 1024} KiB: lower STAGES or BLOCK_V")
     cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
