@@ -20,12 +20,13 @@
    and by the Triton backward kernel (``pallas_gpu_terms.TERMS_BACKWARD``, at 4 and 8 warps:
    ``TERMS_NUM_WARPS``), and each one's largest gradient error against the chunked impl at B1
    T4096.
-5. mosaic: the Mosaic GPU walk (``pallas_mosaic_gpu``) per V-block width, TMA ring slots and
-   cluster size (``BLOCK_V``, ``STAGES``, ``CLUSTER``; a cluster of 1 reads every tile per
-   V-block as the Triton walk does): its largest error against the Triton fused walk on the
-   same XLA chunk terms at B1 T4096 (relative to the largest entry), then the walk alone (and
-   the Triton fused walk alone, its peer in the same process) and the whole forward at B1
-   T65536, and the whole forward at B8 T4096.
+5. mosaic: the Mosaic GPU walk (``pallas_mosaic_gpu``) per V-block width, TMA ring slots,
+   cluster size and V-blocks per program (``BLOCK_V``, ``STAGES``, ``CLUSTER``, ``WARPGROUPS``;
+   with 1 and 1 every V-block reads every K-wide tile, as the Triton walk does): its largest
+   error against the Triton fused walk on the same XLA chunk terms at B1 T4096 (relative to the
+   largest entry), then the walk alone (and the Triton fused walk alone, its peer in the same
+   process) and the whole forward at B1 T65536, the whole forward at B8 T4096, and
+   forward+backward (both Mosaic walks) at B1 T65536.
 6. terms_launch: warps per program of the Triton chunk-terms kernel
    (``pallas_gpu_terms.TERMS_NUM_WARPS``; the walk keeps its own): the kernel alone (bf16
    inputs, as forward-only calls run it) at B1 T65536 and B8 T4096, beside XLA's
@@ -72,9 +73,10 @@ PRECISIONS = {
 }
 # (V-block, num_warps, num_stages); session 9 swept 32-128 x 4/8 warps x 2/3 stages on the unfused walk
 LAUNCHES = [(32, 4, 3), (16, 4, 3), (16, 2, 3), (32, 2, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 2)]
-# (V-block, ring slots, cluster) of the Mosaic GPU walks; the first is their default
-# (3 slots of 64-wide V-blocks, or 4 of 32-wide, exceed a block's shared memory: smem_bytes).
-MOSAIC_LAUNCHES = [(32, 3, 1), (32, 3, 8), (32, 2, 1), (32, 2, 8), (32, 3, 4), (64, 2, 1), (64, 2, 4), (64, 2, 2)]
+# (V-block, ring slots, cluster, warpgroups) of the Mosaic GPU walks; the first is their default
+# (3 slots of 64-wide V-blocks, 4 of 32-wide, or 3 with 2 warpgroups exceed a block's shared
+# memory: smem_bytes). Clusters of 4 and 8 were 1.5x slower in session 15; one stays as a check.
+MOSAIC_LAUNCHES = [(32, 3, 1, 1), (32, 2, 1, 2), (32, 2, 1, 1), (64, 2, 1, 1), (32, 3, 8, 1)]
 # (impl, per-chunk gradients, the kernel's V-block, warps); a V-block of 128 at 8 warps needs
 # 272 KiB of shared memory (failed on an H200)
 GRADIENTS = [("pallas_triton", "xla", 64, 8), ("pallas_triton", "kernel", 64, 8),
@@ -86,7 +88,7 @@ PROFILE_CALLS = 5
 SETTING_TIMEOUT_S = 300  # per fresh-process setting
 ERROR_TAIL_LINES = 40
 MAX_TIMEOUTS = 2  # per sweep
-MOSAIC_TIMEOUT_S = 150  # a Mosaic setting compiles and runs in well under this; a hang costs no more
+MOSAIC_TIMEOUT_S = 200  # a Mosaic setting compiles and runs in well under this; a hang costs no more
 SECTIONS = ("stages", "kernels", "precision", "launch", "terms_backward", "mosaic", "terms_launch", "gradients")
 # (terms' VJP, warps of the terms kernels): measured so far at the walk's 4 warps
 TERMS_BACKWARDS = [("xla", 4), ("kernel", 4), ("kernel", 8)]
@@ -172,11 +174,13 @@ def launch_row(block_v, warps, num_stages):
                 B8_T4096_ms=median_ms(forward("pallas"), *jax_args(make_inputs(8, 4096)), iters=10))
 
 
-def mosaic_row(block_v, stages, cluster):
+def mosaic_row(block_v, stages, cluster, warpgroups):
     """The Mosaic GPU walk at one launch setting: its error against the Triton fused walk on the
     same chunk terms (B1 T4096), then ms of the walk alone, of the Triton fused walk alone (its
-    peer in the same process) and of the whole forward."""
-    pallas_mosaic_gpu.BLOCK_V, pallas_mosaic_gpu.STAGES, pallas_mosaic_gpu.CLUSTER = block_v, stages, cluster
+    peer in the same process), of the whole forward and of forward+backward (both walks)."""
+    settings = dict(BLOCK_V=block_v, STAGES=stages, CLUSTER=cluster, WARPGROUPS=warpgroups)
+    for name, value in settings.items():
+        setattr(pallas_mosaic_gpu, name, value)
     walks = {name: jax.jit(lambda t, s, fn=fn: fn(t, s, 4096))
              for name, fn in (("mosaic", pallas_mosaic_gpu.mosaic_walk_outputs), ("triton", pallas_gpu.gpu_walk_outputs))}
     inputs, _, s0, prepare = xla_terms_setup(1, 4096)
@@ -190,7 +194,8 @@ def mosaic_row(block_v, stages, cluster):
         row[name] = median_ms(jax.jit(lambda t, s, fn=fn: fn(t, s, 65536)), terms, s0, iters=10)
     forward_ms = lambda batch, seq_len: median_ms(forward("pallas_mosaic_gpu"),
                                                   *jax_args(make_inputs(batch, seq_len)), iters=10)
-    return dict(row, ms=forward_ms(1, 65536), B8_T4096_ms=forward_ms(8, 4096))
+    fwd_bwd_ms = median_ms(forward_backward("pallas_mosaic_gpu"), *jax_args(make_inputs(1, 65536)), iters=10)
+    return dict(row, ms=forward_ms(1, 65536), B8_T4096_ms=forward_ms(8, 4096), fwd_bwd_ms=fwd_bwd_ms)
 
 
 def terms_launch_row(num_warps):
@@ -282,7 +287,8 @@ def print_rows(rows):
 def _shown(row):
     """A table row with failed settings marked, and float errors in scientific notation."""
     if row["ms"] is None:
-        return {**dict.fromkeys(("walk_ms", "triton_walk_ms", "o_rel_err", "state_rel_err", "B8_T4096_ms"), "-"), **row, "ms": "failed"}
+        shown = ("walk_ms", "triton_walk_ms", "o_rel_err", "state_rel_err", "B8_T4096_ms", "fwd_bwd_ms")
+        return {**dict.fromkeys(shown, "-"), **row, "ms": "failed"}
     return {k: (f"{v:.1e}" if k.endswith("rel_err") else v) for k, v in row.items()}
 
 
@@ -339,12 +345,12 @@ def main(argv=None):
                                             lambda rows: save(terms_backward=rows))
         print_rows(backward_rows)
     if "mosaic" in args.sections:
-        mosaic_columns = ("block_v", "stages", "cluster")
+        mosaic_columns = ("block_v", "stages", "cluster", "warpgroups")
         mosaic_rows = fresh_process_sweep("mosaic", MOSAIC_LAUNCHES, lambda s: dict(zip(mosaic_columns, s)),
                                           lambda rows: save(mosaic=rows), timeout_s=MOSAIC_TIMEOUT_S)
         print_table([_shown(r) for r in mosaic_rows],
                     [*mosaic_columns, "o_rel_err", "state_rel_err", "walk_ms", "triton_walk_ms", "ms",
-                     "B8_T4096_ms"])
+                     "B8_T4096_ms", "fwd_bwd_ms"])
     if "terms_launch" in args.sections:
         terms_rows = fresh_process_sweep("terms_launch", [(warps,) for warps in TERMS_WARPS],
                                          lambda s: dict(num_warps=s[0]), lambda rows: save(terms_launch=rows))

@@ -75,16 +75,18 @@ def test_fused_walk_outputs_equal_the_two_kernels():
     np.testing.assert_allclose(fused_state, state, rtol=0, atol=1e-6 * np.abs(np.asarray(state)).max())
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_mosaic_gpu_walk_matches_reference_and_the_triton_walk(monkeypatch, stages):
+@pytest.mark.parametrize("stages,warpgroups", [(2, 1), (3, 1), (2, 2)])
+def test_mosaic_gpu_walk_matches_reference_and_the_triton_walk(monkeypatch, stages, warpgroups):
     """The Mosaic GPU walk (interpreted; bf16 terms, the only ones it takes) over 7 chunks, more
-    than its ring of ``stages`` slots, and 3 V-blocks (d_v 80 padded to 96), d_k 24 padded to
-    64, resets, a g = -20 step and an initial state: against the float64 reference on the
-    bf16-rounded inputs to bf16 accuracy, and equal to ``pallas_triton``'s fused walk (the same
-    bf16 roundings of S and V') to float32 summation order, o within one bf16 rounding.
-    Measured (3 stages): o 4.4e-3 and state 3.7e-3 of the largest entry against the reference,
-    as the Triton walk's; o 2.5e-4 and state 0 against it."""
+    than its ring of ``stages`` slots, and 4 V-blocks (d_v 80 padded to 128; with 2 warpgroups
+    two programs of two V-blocks sharing a ring), d_k 24 padded to 64, resets, a g = -20 step
+    and an initial state: against the float64 reference on the bf16-rounded inputs to bf16
+    accuracy, and equal to ``pallas_triton``'s fused walk (the same bf16 roundings of S and V')
+    to float32 summation order, o within one bf16 rounding. Measured (3 stages): o 4.4e-3 and
+    state 3.7e-3 of the largest entry against the reference, as the Triton walk's; o 2.5e-4 and
+    state 0 against it."""
     monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", stages)
+    monkeypatch.setattr(pallas_mosaic_gpu, "WARPGROUPS", warpgroups)
     seq_len = 7 * CHUNK_SIZE - 20
     rng = np.random.default_rng(10)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -108,23 +110,41 @@ def test_mosaic_gpu_walk_matches_reference_and_the_triton_walk(monkeypatch, stag
         np.testing.assert_allclose(f64(have), want, rtol=0, atol=tol * np.abs(want).max(), err_msg=name)
 
 
-def test_mosaic_gpu_walk_names_a_ring_too_big_for_shared_memory(monkeypatch):
-    monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", 4)  # 4 x 60 KiB of chunk tiles at d_k 128
+@pytest.mark.parametrize("stages,warpgroups,need", [(4, 1, 276), (3, 2, 264)])
+def test_mosaic_gpu_walk_names_settings_too_big_for_shared_memory(monkeypatch, stages, warpgroups, need):
+    """4 x 60 KiB of chunk tiles at d_k 128; or 3 x 64 KiB with two warpgroups' V-blocks, whose
+    operand and state tiles come twice."""
+    monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", stages)
+    monkeypatch.setattr(pallas_mosaic_gpu, "WARPGROUPS", warpgroups)
     x = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     g = jnp.zeros((1, 64, 1), jnp.float32)
-    with pytest.raises(ValueError, match=r"needs 276 KiB of shared memory .* lower STAGES or BLOCK_V"):
-        gated_delta_rule(x, x, jnp.zeros((1, 64, 1, 32), jnp.bfloat16), g, g, impl="pallas_mosaic_gpu")
+    with pytest.raises(ValueError, match=rf"needs {need} KiB of shared memory .*{stages} ring slots and {warpgroups} "
+                                         r"warpgroup\(s\).* lower STAGES, BLOCK_V or WARPGROUPS"):
+        gated_delta_rule(x, x, jnp.zeros((1, 64, 1, 64), jnp.bfloat16), g, g, impl="pallas_mosaic_gpu")
+    assert not pallas_mosaic_gpu.fits_shared_memory(128, 64)
 
 
-@pytest.mark.parametrize("dtype,same_as,tol", [("float32", "pallas_triton", 0.0),
-                                               ("bfloat16", "pallas_triton_fused_backward", 1e-5)])
-def test_mosaic_gpu_gradients_equal_the_triton_kernels(monkeypatch, dtype, same_as, tol):
+def test_mosaic_gpu_walk_takes_a_cluster_or_warpgroups_not_both(monkeypatch):
+    monkeypatch.setattr(pallas_mosaic_gpu, "CLUSTER", 2)
+    monkeypatch.setattr(pallas_mosaic_gpu, "WARPGROUPS", 2)
+    x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    g = jnp.zeros((1, 64, 1), jnp.float32)
+    with pytest.raises(ValueError, match=r"CLUSTER=2\) or across warpgroups \(WARPGROUPS=2\), not both"):
+        gated_delta_rule(x, x, x, g, g, impl="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("dtype,same_as,tol,warpgroups", [("float32", "pallas_triton", 0.0, 1),
+                                                          ("bfloat16", "pallas_triton_fused_backward", 1e-5, 1),
+                                                          ("bfloat16", "pallas_triton_fused_backward", 1e-5, 2)])
+def test_mosaic_gpu_gradients_equal_the_triton_kernels(monkeypatch, dtype, same_as, tol, warpgroups):
     """Differentiated, the Mosaic GPU walk keeps the entry states and V', and the Mosaic GPU
     reverse walk forms the outputs' cotangents as ``pallas_triton_fused_backward``'s does: with
     bf16 terms the loss and every gradient equal that impl's to float32 summation order (the
-    kept and stored tiles are the same bf16 roundings). float32 terms run ``pallas_triton``'s
-    very kernels. Two ring slots for the 3 chunks, so both walks reload a slot."""
+    kept and stored tiles are the same bf16 roundings), also with two warpgroups' V-blocks per
+    program. float32 terms run ``pallas_triton``'s very kernels. Two ring slots for the 3
+    chunks, so both walks reload a slot."""
     monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", 2)
+    monkeypatch.setattr(pallas_mosaic_gpu, "WARPGROUPS", warpgroups)
     (q, k, v, g, beta, s0), ids = _inputs(seed=11)
     w_o = np.random.default_rng(14).normal(size=(B, T, H, 80))
 
@@ -315,16 +335,19 @@ def test_terms_backward_kernel_matches_xla_vjp(monkeypatch, dtype, tol):
         np.testing.assert_allclose(have, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("cluster", [8, 1])
-def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluster):
+@pytest.mark.parametrize("cluster,warpgroups,stages", [(8, 1, 3), (1, 1, 3), (1, 2, 2)])
+def test_mosaic_gpu_walk_lowers_for_cuda_at_the_4b_head_dims(monkeypatch, cluster, warpgroups, stages):
     """The Mosaic GPU kernels lower for CUDA on any host (Mosaic GPU's lowering runs here; the
     module is compiled on the GPU): d_k 128, d_v 256, chunk 64, bf16; with a cluster of 8
-    V-blocks multicasting the K-wide tiles (the path the interpreter cannot run) and without.
+    V-blocks multicasting the K-wide tiles (the path the interpreter cannot run), without, and
+    with two warpgroups' V-blocks per program sharing a ring of two slots.
     Forward-only calls run it beside the Triton terms kernel; differentiated calls run it (with
     the entry states and V' kept) and the Mosaic GPU reverse walk, on XLA's terms, and then the
     Triton per-chunk gradients kernel (``CHUNK_GRADIENTS = "kernel"``, the default)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compile, not the interpreters
     monkeypatch.setattr(pallas_mosaic_gpu, "CLUSTER", cluster)
+    monkeypatch.setattr(pallas_mosaic_gpu, "WARPGROUPS", warpgroups)
+    monkeypatch.setattr(pallas_mosaic_gpu, "STAGES", stages)
     shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
     q = k = shape(1, 512, 2, 128)
     v = shape(1, 512, 2, 256)

@@ -17,6 +17,11 @@ registers, but written for Hopper instead of through Triton:
   the next load into a slot until every program of the cluster has finished with it. (The Triton
   walk's programs each read those tiles: ~7.3 GB at B1 T65536 with 8 V-blocks a head.) On an
   H200 the cluster made the walk 1.5x slower (the settings below), so the default has none;
+- with ``WARPGROUPS`` > 1 one program walks that many V-blocks of a head, one warpgroup each,
+  sharing one ring: each chunk's K-wide tiles are loaded once for all of them (the first
+  warpgroup issues the loads, after every warpgroup has arrived on the slot's ``consumed``
+  barrier, a shared-memory barrier within the block instead of the cluster's), while each
+  warpgroup's two dependent WGMMAs per chunk overlap the other's;
 - o_n = q_in_n S_n is issued together with W_n S_n, and attn_n V'_n together with k_out_n^T V'_n,
   so only the state's chain (W S, then k_out^T V') is waited for in turn.
 
@@ -55,6 +60,7 @@ from infinitevl_jax.ops.delta_rule.pallas_walk import F32, backward_out_shapes, 
 BLOCK_V = 32
 STAGES = 3
 CLUSTER = 1
+WARPGROUPS = 1  # V-blocks per program, one warpgroup each; 2 fits with 2 ring slots at d_k 128 (not yet timed)
 WGMMA_ROWS = 64  # a WGMMA's M: the chunk size and the padded K are multiples of it
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 DECAY_LANES = 32  # the chunk decay repeated to 128 bytes, TMA's smallest copy for a warpgroup
@@ -80,41 +86,53 @@ def _interpret_params():
     raise ValueError(f"the Mosaic GPU kernel runs on GPU (or interpreted on CPU), not on {backend!r}")
 
 
-def _program(bv: int, cluster: int):
-    """``(g, v_cols)``: this program's group (batch x head) and its V-block's columns."""
-    j = lax.axis_index("vb") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
-    return lax.axis_index("g"), pl.ds(j * bv, bv)
+def _program(bv: int, cluster: int, warpgroups: int):
+    """``(g, wg, block_cols)``: this program's group (batch x head), this warpgroup and
+    ``block_cols(j)``, the columns of the program's j-th V-block (warpgroup j walks it)."""
+    first = (lax.axis_index("vb") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)) * warpgroups
+    return lax.axis_index("g"), lax.axis_index("wg"), lambda j: pl.ds((first + j) * bv, bv)
 
 
-def _chunk_ring(sources, rings, loaded, consumed, *, n_chunks, stages, cluster, reverse, step, carry):
+def _chunk_ring(sources, rings, loaded, consumed, *, n_chunks, stages, cluster, warpgroups, reverse, step, carry):
     """The walk over chunks (n = 0..N-1, or N-1..0 with ``reverse``) with each chunk's tiles in a
-    TMA ring: ``sources`` ``[(view(n) -> GMEM tile, multicast)]`` fill ``rings`` (SMEM
-    ``[stages, ...]``, one barrier ``loaded`` per slot) ``stages`` chunks ahead; multicast tiles
-    are the same for the whole cluster and loaded once for it. ``step(n, slot, carry)`` runs once
-    chunk n's tiles have landed; then the slot is reloaded, after every program of the cluster
-    has arrived on ``consumed`` (a cluster barrier per slot) to say it is done with it. Returns
-    the final carry."""
+    TMA ring: ``sources`` ``[(view, kind)]`` fill ``rings`` (SMEM ``[stages, ...]``, one barrier
+    ``loaded`` per slot) ``stages`` chunks ahead. A head-wide source (``view(n)`` -> GMEM tile) is
+    the same for every V-block and loaded once for the program's warpgroups; kind
+    ``"multicast"`` also loads it once for the whole cluster (the K-wide tiles), ``"head"`` once
+    per program (the decay row, too small to split). A ``"block"`` source (``view(n, j)``:
+    V-block j of the program) fills ``ring.at[slot, j]`` for each warpgroup j. ``step(n, slot, carry)`` runs once chunk n's tiles
+    have landed; then the slot is reloaded, after every program of the cluster or every
+    warpgroup of the program has arrived on ``consumed`` (a barrier per slot) to say it is done
+    with it; the first warpgroup issues the loads. Returns the final carry."""
     chunk_at = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
+    shared = cluster > 1 or warpgroups > 1
+    loader = lax.axis_index("wg") == 0
 
     def load(i, slot):
-        for (view, multicast), ring in zip(sources, rings):
-            collective = dict(collective_axes="cluster") if multicast and cluster > 1 else {}
-            plgpu.copy_gmem_to_smem(view(chunk_at(i)), ring.at[slot], loaded.at[slot], **collective)
+        for (view, kind), ring in zip(sources, rings):
+            if kind == "block":
+                for j in range(warpgroups):
+                    plgpu.copy_gmem_to_smem(view(chunk_at(i), j), ring.at[slot, j], loaded.at[slot])
+            else:
+                collective = dict(collective_axes="cluster") if kind == "multicast" and cluster > 1 else {}
+                plgpu.copy_gmem_to_smem(view(chunk_at(i)), ring.at[slot], loaded.at[slot], **collective)
 
-    for slot in range(min(stages, n_chunks)):
-        load(slot, slot)
+    @pl.when(loader)
+    def _():
+        for slot in range(min(stages, n_chunks)):
+            load(slot, slot)
 
     def body(i, carry):
         slot = lax.rem(i, stages)
         plgpu.barrier_wait(loaded.at[slot])
         carry = step(chunk_at(i), slot, carry)
         reload = i + stages < n_chunks
-        if cluster > 1:
+        if shared:
             pl.when(reload)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
 
-        @pl.when(reload)
+        @pl.when(reload & loader)
         def _():
-            if cluster > 1:
+            if shared:
                 plgpu.barrier_wait(consumed.at[slot])
             load(i + stages, slot)
 
@@ -145,10 +163,11 @@ def _matmuls(first, then, shapes):
 
 
 def _forward_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, final_ref, *kept_refs, heads, bv,
-                    stages, cluster):
-    """One warpgroup walks the chunks of group g = batch x head for one V-block (shapes in
+                    stages, cluster, warpgroups):
+    """Each warpgroup walks the chunks of group g = batch x head for one V-block (shapes in
     ``_launch``); with ``kept_refs`` (states ``[G, N, K, V]``, v_new ``[G, N, C, V]``) it also
-    stores each chunk's entry state and V' from the shared-memory tiles the WGMMAs read.
+    stores each chunk's entry state and V' from the shared-memory tiles the WGMMAs read. Every
+    warpgroup has its own operand tiles and issues its own stores.
 
     TMA stores out of shared memory are asynchronous; before a tile is written again the store
     that reads it must be done. Per chunk the stores are S_n and V'_n (when kept), then o_n, in
@@ -158,12 +177,14 @@ def _forward_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, fi
     - before o_n is written into its slot of two: o_{n-2}'s store is done, which is k = 1
       without kept tiles and already true with them (the waits above came after it)."""
     n_chunks, c, pk = w_ref.shape[1:]
-    g, v_cols = _program(bv, cluster)
+    g, wg, block_cols = _program(bv, cluster, warpgroups)
+    v_cols = block_cols(wg)
     states_ref, v_new_ref = kept_refs or (None, None)
     kept = lambda ref, n: None if ref is None else ref.at[g, n, :, v_cols]
 
-    def scoped(rings, loaded, consumed, state_s, v_s, o_s, f_s, s0_loaded):
+    def scoped(rings, loaded, consumed, *own_tiles):
         w_s, kt_s, q_s, a_s, u_s, d_s = rings
+        state_s, v_s, o_s, f_s, s0_loaded = (tile.at[wg] for tile in own_tiles)
         plgpu.copy_gmem_to_smem(s0_ref.at[g, :, v_cols], f_s, s0_loaded)
         plgpu.barrier_wait(s0_loaded)
 
@@ -177,7 +198,7 @@ def _forward_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, fi
 
             def then(accs):
                 ws_acc, o_acc, update_acc = accs
-                v_new = u_s[slot].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1)
+                v_new = u_s[slot, wg].astype(F32) - plgpu.wgmma_accumulator_load(ws_acc, wait_n=1)
                 _operand(v_s, v_new, kept(v_new_ref, n), 2)
                 plgpu.wgmma(update_acc, kt_s.at[slot], v_s)
                 plgpu.wgmma(o_acc, a_s.at[slot], v_s)
@@ -192,17 +213,18 @@ def _forward_kernel(w_ref, u_ref, kt_ref, d_ref, q_ref, a_ref, s0_ref, o_ref, fi
             plgpu.copy_smem_to_gmem(o_s.at[o_slot], o_ref.at[g // heads, pl.ds(n * c, c), g % heads, v_cols])
             return d_s[slot, 0] * state + update
 
-        sources = [(lambda n, ref=ref: ref.at[g, n], True) for ref in (w_ref, kt_ref, q_ref, a_ref)]
-        sources += [(lambda n: u_ref.at[g, n, :, v_cols], False), (lambda n: d_ref.at[g, n], False)]
+        sources = [(lambda n, ref=ref: ref.at[g, n], "multicast") for ref in (w_ref, kt_ref, q_ref, a_ref)]
+        sources += [(lambda n, j: u_ref.at[g, n, :, block_cols(j)], "block"), (lambda n: d_ref.at[g, n], "head")]
         f_s[...] = _chunk_ring(sources, rings, loaded, consumed, n_chunks=n_chunks, stages=stages, cluster=cluster,
-                               reverse=False, step=chunk, carry=f_s[...])
+                               warpgroups=warpgroups, reverse=False, step=chunk, carry=f_s[...])
         _store_state(f_s, final_ref.at[g, :, v_cols])
 
-    _run_scoped(scoped, *_forward_tiles(c, pk, bv), w_ref.dtype, stages=stages, cluster=cluster, pk=pk, bv=bv)
+    _run_scoped(scoped, *_forward_tiles(c, pk, bv), w_ref.dtype, stages=stages, cluster=cluster, pk=pk,
+                bv=bv, warpgroups=warpgroups)
 
 
 def _backward_kernel(wt_ref, k_ref, qt_ref, at_ref, d_ref, d_o_ref, d_final_ref, d_u_ref, d_next_ref, d_s0_ref, *,
-                     heads, bv, stages, cluster):
+                     heads, bv, stages, cluster, warpgroups):
     """The reverse walk with the outputs' cotangents formed on the way, ``pallas_walk.
     backward_step`` per chunk from dS = dL/dS_{n+1}:
 
@@ -214,10 +236,12 @@ def _backward_kernel(wt_ref, k_ref, qt_ref, at_ref, d_ref, d_o_ref, d_final_ref,
     d_next ``[G, N, K, V]``. Per chunk the stores are dS then dV: before either tile is written
     again, ``wait_smem_to_gmem(1)`` leaves only the other one's last store reading."""
     n_chunks, pk, c = wt_ref.shape[1:]
-    g, v_cols = _program(bv, cluster)
+    g, wg, block_cols = _program(bv, cluster, warpgroups)
+    v_cols = block_cols(wg)
 
-    def scoped(rings, loaded, consumed, ds_s, dv_s, f_s, final_loaded):
+    def scoped(rings, loaded, consumed, *own_tiles):
         wt_s, k_s, qt_s, at_s, do_s, d_s = rings
+        ds_s, dv_s, f_s, final_loaded = (tile.at[wg] for tile in own_tiles)
         plgpu.copy_gmem_to_smem(d_final_ref.at[g, :, v_cols], f_s, final_loaded)
         plgpu.barrier_wait(final_loaded)
 
@@ -226,8 +250,8 @@ def _backward_kernel(wt_ref, k_ref, qt_ref, at_ref, d_ref, d_o_ref, d_final_ref,
 
             def first(accs):
                 from_outputs_acc, dv_acc, _ = accs
-                plgpu.wgmma(from_outputs_acc, qt_s.at[slot], do_s.at[slot])
-                plgpu.wgmma(dv_acc, at_s.at[slot], do_s.at[slot])
+                plgpu.wgmma(from_outputs_acc, qt_s.at[slot], do_s.at[slot, wg])
+                plgpu.wgmma(dv_acc, at_s.at[slot], do_s.at[slot, wg])
                 plgpu.wgmma(dv_acc, k_s.at[slot], ds_s)
 
             def then(accs):
@@ -239,14 +263,15 @@ def _backward_kernel(wt_ref, k_ref, qt_ref, at_ref, d_ref, d_o_ref, d_final_ref,
             carried, from_outputs = _matmuls(first, then, [(pk, bv), (c, bv), (pk, bv)])
             return d_s[slot, 0] * d_state - carried + from_outputs
 
-        sources = [(lambda n, ref=ref: ref.at[g, n], True) for ref in (wt_ref, k_ref, qt_ref, at_ref)]
-        sources += [(lambda n: d_o_ref.at[g // heads, pl.ds(n * c, c), g % heads, v_cols], False),
-                    (lambda n: d_ref.at[g, n], False)]
+        sources = [(lambda n, ref=ref: ref.at[g, n], "multicast") for ref in (wt_ref, k_ref, qt_ref, at_ref)]
+        sources += [(lambda n, j: d_o_ref.at[g // heads, pl.ds(n * c, c), g % heads, block_cols(j)], "block"),
+                    (lambda n: d_ref.at[g, n], "head")]
         f_s[...] = _chunk_ring(sources, rings, loaded, consumed, n_chunks=n_chunks, stages=stages, cluster=cluster,
-                               reverse=True, step=chunk, carry=f_s[...])
+                               warpgroups=warpgroups, reverse=True, step=chunk, carry=f_s[...])
         _store_state(f_s, d_s0_ref.at[g, :, v_cols])
 
-    _run_scoped(scoped, *_backward_tiles(c, pk, bv), wt_ref.dtype, stages=stages, cluster=cluster, pk=pk, bv=bv)
+    _run_scoped(scoped, *_backward_tiles(c, pk, bv), wt_ref.dtype, stages=stages, cluster=cluster, pk=pk,
+                bv=bv, warpgroups=warpgroups)
 
 
 def _store_state(f_s, dst):
@@ -256,67 +281,93 @@ def _store_state(f_s, dst):
     plgpu.wait_smem_to_gmem(0)
 
 
-def smem_bytes(ring_shapes, operand_shapes, stages: int, pk: int, bv: int, itemsize: int = 2) -> int:
-    """Shared memory of ``_run_scoped``'s buffers: the ring's 16-bit tiles and decay rows, the
-    16-bit operand tiles and the float32 state."""
-    tiles = stages * sum(math.prod(shape) for shape in ring_shapes) + sum(math.prod(s) for s in operand_shapes)
-    return tiles * itemsize + (stages * DECAY_LANES + pk * bv) * 4
+def smem_bytes(head_shapes, block_shapes, operand_shapes, stages: int, pk: int, bv: int, warpgroups: int = 1,
+               itemsize: int = 2) -> int:
+    """Shared memory of ``_run_scoped``'s buffers: the ring's 16-bit tiles (head-wide ones once,
+    per-V-block ones per warpgroup) and decay rows, each warpgroup's 16-bit operand tiles and
+    float32 state."""
+    per_slot = sum(map(math.prod, head_shapes)) + warpgroups * sum(map(math.prod, block_shapes))
+    tiles = stages * per_slot + warpgroups * sum(map(math.prod, operand_shapes))
+    return tiles * itemsize + (stages * DECAY_LANES + warpgroups * pk * bv) * 4
 
 
-def _run_scoped(scoped, ring_shapes, operand_shapes, dtype, *, stages, cluster, pk, bv):
+def _run_scoped(scoped, head_shapes, block_shapes, operand_shapes, dtype, *, stages, cluster, warpgroups, pk, bv):
     """``scoped(rings, loaded, consumed, *operand tiles, state tile, state barrier)``: the ring
-    (a ``[stages, ...]`` buffer per ring shape, then the decay rows; one ``loaded`` barrier per
-    slot for all of its copies; the cluster barrier ``consumed`` per slot, or None), the 16-bit
-    operand tiles and the float32 state tile, all in the WGMMA layout of the V-block's width."""
+    (a ``[stages, ...]`` buffer per head-wide tile shape, a ``[stages, warpgroups, ...]`` one per
+    V-block tile shape, then the decay rows; one ``loaded`` barrier per slot for all of its
+    copies; the barrier ``consumed`` per slot that the cluster's programs or the program's
+    warpgroups arrive on, or None), then per warpgroup (a leading ``warpgroups`` axis) the 16-bit
+    operand tiles, the float32 state tile and a barrier for it, all tiles in the WGMMA layout of
+    the V-block's width. One allocation for the block, shared by its warpgroups."""
     tiles = _smem_layout(bv, dtype)
-    rings = [plgpu.SMEM((stages, *shape), dtype, transforms=tiles) for shape in ring_shapes]
+    rings = [plgpu.SMEM((stages, *shape), dtype, transforms=tiles) for shape in head_shapes]
+    rings += [plgpu.SMEM((stages, warpgroups, *shape), dtype, transforms=tiles) for shape in block_shapes]
     rings.append(plgpu.SMEM((stages, DECAY_LANES), F32))
-    consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1 else None
+    copies = len(rings) + (warpgroups - 1) * len(block_shapes)
+    if cluster > 1:
+        consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages)
+    else:
+        consumed = plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages) if warpgroups > 1 else None
+    own = [plgpu.SMEM((warpgroups, *shape), dtype, transforms=tiles) for shape in operand_shapes]
+    own += [plgpu.SMEM((warpgroups, pk, bv), F32, transforms=_smem_layout(bv, F32)),
+            plgpu.Barrier(num_barriers=warpgroups)]
     pl.run_scoped(lambda *refs: scoped(refs[:len(rings)], *refs[len(rings):]), *rings,
-                  plgpu.Barrier(num_arrivals=len(rings), num_barriers=stages), consumed,
-                  *(plgpu.SMEM(shape, dtype, transforms=tiles) for shape in operand_shapes),
-                  plgpu.SMEM((pk, bv), F32, transforms=_smem_layout(bv, F32)), plgpu.Barrier())
+                  plgpu.Barrier(num_arrivals=copies, num_barriers=stages), consumed, *own, collective_axes="wg")
 
 
-# Shared-memory tiles of each kernel: its ring's 16-bit tiles per slot, then its operand tiles
-# (forward: S, V', two output tiles; backward: dS, dV).
+# Shared-memory tiles of each kernel: its ring's head-wide 16-bit tiles per slot, its per-V-block
+# ones, then its operand tiles (forward: S, V', two output tiles; backward: dS, dV).
 def _forward_tiles(c, pk, bv):
-    return [(c, pk), (pk, c), (c, pk), (c, c), (c, bv)], [(pk, bv), (c, bv), (2, c, bv)]
+    return [(c, pk), (pk, c), (c, pk), (c, c)], [(c, bv)], [(pk, bv), (c, bv), (2, c, bv)]
 
 
 def _backward_tiles(c, pk, bv):
-    return [(pk, c), (c, pk), (pk, c), (c, c), (c, bv)], [(pk, bv), (c, bv)]
+    return [(pk, c), (c, pk), (pk, c), (c, c)], [(c, bv)], [(pk, bv), (c, bv)]
 
 
-def _walk_smem_bytes(tiles, c: int, pk: int, itemsize: int = 2) -> int:
+def _walk_smem_bytes(tiles, c: int, pk: int, warpgroups: int, itemsize: int = 2) -> int:
     """``smem_bytes`` of the walk whose tile shapes ``tiles`` gives, at today's settings."""
-    return smem_bytes(*tiles(c, pk, BLOCK_V), STAGES, pk, BLOCK_V, itemsize)
+    return smem_bytes(*tiles(c, pk, BLOCK_V), STAGES, pk, BLOCK_V, warpgroups, itemsize)
 
 
 def fits_shared_memory(d_k: int, d_v: int, c: int = 64) -> bool:
     """Whether both Mosaic GPU walks fit a block's shared memory at head dims ``d_k``, ``d_v``
-    (16-bit terms, chunk ``c``, today's ``BLOCK_V`` and ``STAGES``): ``"pallas"`` picks them only then."""
-    pk, _ = mosaic_dims(d_k, d_v)
-    return max(_walk_smem_bytes(tiles, c, pk) for tiles in (_forward_tiles, _backward_tiles)) <= SMEM_BYTES
+    (16-bit terms, chunk ``c``, today's ``BLOCK_V``, ``STAGES`` and ``WARPGROUPS``): ``"pallas"``
+    picks them only then."""
+    pk, pv = mosaic_dims(d_k, d_v)
+    warpgroups = _warpgroups(pv)
+    return max(_walk_smem_bytes(tiles, c, pk, warpgroups) for tiles in (_forward_tiles, _backward_tiles)) <= SMEM_BYTES
+
+
+def _warpgroups(pv: int) -> int:
+    """``WARPGROUPS`` where it divides the ``pv // BLOCK_V`` V-blocks, else 1."""
+    return WARPGROUPS if (pv // BLOCK_V) % WARPGROUPS == 0 else 1
 
 
 def _kernel_call(body, tiles, heads, out_type, operands, *, c, pk, pv, dtype):
     """``body`` (a kernel above, its settings bound here) as a Mosaic GPU kernel over (group,
-    V-block), the V-blocks of a head in clusters of ``CLUSTER`` when that divides them (not in
-    the interpreter, which has no cluster allocations); checks the chunk size and the shared
-    memory first."""
+    V-blocks), ``WARPGROUPS`` V-blocks per program (one warpgroup each) when that divides them,
+    the programs of a head in clusters of ``CLUSTER`` when that divides them (not in the
+    interpreter, which has no cluster allocations); checks the chunk size, the settings and the
+    shared memory first."""
     if c % WGMMA_ROWS:
         raise ValueError(f"the Mosaic GPU walk needs chunks of a multiple of {WGMMA_ROWS} tokens; got {c}")
-    bv, stages = BLOCK_V, STAGES
-    if (need := _walk_smem_bytes(tiles, c, pk, jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
-        raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv} "
-                         f"and {stages} ring slots; a block has {SMEM_BYTES // 1024} KiB: lower STAGES or BLOCK_V")
-    cluster = CLUSTER if jax.default_backend() == "gpu" and (pv // bv) % CLUSTER == 0 else 1
+    if CLUSTER > 1 and WARPGROUPS > 1:
+        raise ValueError(f"the Mosaic GPU walk shares a chunk's tiles across a cluster (CLUSTER={CLUSTER}) or "
+                         f"across warpgroups (WARPGROUPS={WARPGROUPS}), not both: set one of them to 1")
+    bv, stages, warpgroups = BLOCK_V, STAGES, _warpgroups(pv)
+    if (need := _walk_smem_bytes(tiles, c, pk, warpgroups, jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
+        raise ValueError(f"the Mosaic GPU walk needs {need / 1024:.0f} KiB of shared memory at d_k {pk}, V-block {bv}, "
+                         f"{stages} ring slots and {warpgroups} warpgroup(s); a block has {SMEM_BYTES // 1024} KiB: "
+                         f"lower STAGES, BLOCK_V or WARPGROUPS")
+    programs = pv // bv // warpgroups
+    cluster = CLUSTER if jax.default_backend() == "gpu" and programs % CLUSTER == 0 else 1
     groups = operands[0].shape[0]
-    mesh = dict(grid=(groups, pv // bv // cluster), grid_names=("g", "vb"))
+    mesh = dict(grid=(groups, programs // cluster), grid_names=("g", "vb"), num_threads=warpgroups, thread_name="wg")
     if cluster > 1:
         mesh.update(cluster=(cluster,), cluster_names=("cluster",))
-    kernel = plgpu.kernel(functools.partial(body, heads=heads, bv=bv, stages=stages, cluster=cluster),
+    kernel = plgpu.kernel(functools.partial(body, heads=heads, bv=bv, stages=stages, cluster=cluster,
+                                            warpgroups=warpgroups),
                           out_type=tuple(out_type), interpret=_interpret_params(), **mesh)
     return kernel(*operands)
 
