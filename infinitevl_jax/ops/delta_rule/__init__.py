@@ -56,9 +56,8 @@ from infinitevl_jax.ops.conv import check_segment_ids
 from infinitevl_jax.ops.delta_rule.chunked import CHUNK_SIZE, chunked_gated_delta_rule
 from infinitevl_jax.ops.delta_rule.pallas_gpu import (gpu_chunk_outputs, gpu_walk_outputs,
                                                     gpu_walk_outputs_fused_backward, gpu_walk_states)
-from infinitevl_jax.ops.delta_rule import pallas_mosaic_gpu
 from infinitevl_jax.ops.delta_rule.pallas_gpu_terms import gpu_prepare_chunks
-from infinitevl_jax.ops.delta_rule.pallas_mosaic_gpu import mosaic_walk_outputs
+from infinitevl_jax.ops.delta_rule.pallas_mosaic_gpu import fits_shared_memory, mosaic_walk_outputs
 from infinitevl_jax.ops.delta_rule.pallas_tpu import tpu_walk_states
 from infinitevl_jax.ops.delta_rule.recurrent import recurrent_gated_delta_rule
 
@@ -136,7 +135,7 @@ def resolve_impl(impl: str, seq_len: int, batch_heads: int = 1, head_dims: tuple
         if backend == "tpu":
             return "pallas_mosaic_tpu"
         if (batch_heads >= MOSAIC_MIN_BATCH_HEADS and head_dims is not None
-                and pallas_mosaic_gpu.fits_shared_memory(*head_dims) and is_hopper()):
+                and fits_shared_memory(*head_dims) and is_hopper()):
             return "pallas_mosaic_gpu"
         return "pallas_triton_fused_backward"
     if impl not in IMPLS:

@@ -100,10 +100,11 @@ def _chunk_ring(sources, rings, loaded, consumed, *, n_chunks, stages, cluster, 
     the same for every V-block and loaded once for the program's warpgroups; kind
     ``"multicast"`` also loads it once for the whole cluster (the K-wide tiles), ``"head"`` once
     per program (the decay row, too small to split). A ``"block"`` source (``view(n, j)``:
-    V-block j of the program) fills ``ring.at[slot, j]`` for each warpgroup j. ``step(n, slot, carry)`` runs once chunk n's tiles
-    have landed; then the slot is reloaded, after every program of the cluster or every
-    warpgroup of the program has arrived on ``consumed`` (a barrier per slot) to say it is done
-    with it; the first warpgroup issues the loads. Returns the final carry."""
+    V-block j of the program) fills ``ring.at[slot, j]`` for each warpgroup j. ``step(n, slot,
+    carry)`` runs once chunk n's tiles have landed; then the slot is reloaded, after every
+    program of the cluster or every warpgroup of the program has arrived on ``consumed`` (a
+    barrier per slot) to say it is done with it; the first warpgroup issues the loads. Returns
+    the final carry."""
     chunk_at = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
     shared = cluster > 1 or warpgroups > 1
     loader = lax.axis_index("wg") == 0
