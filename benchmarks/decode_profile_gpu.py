@@ -16,7 +16,7 @@ CPU) are summed by kernel name, per call:
   and dispatch; the device runs on asynchronously).
 
 Per workload it prints wall ms, device-busy ms (the sum of kernel times), kernels per call and the
-top kernels; ``--hlo-dir`` also writes the compiled decode step's HLO text (fusion names in the
+top kernels (with the source op of each XLA fusion in the prefill chunk) and the kernel time by kind; --hlo-dir also writes the compiled decode step's and prefill chunk's HLO text (fusion names in the
 table are its instruction names). Wall well above busy time means launch or host overhead; busy
 time well above the bandwidth floor (parameter bytes / HBM bandwidth for a decode step) means slow
 kernels.
@@ -89,7 +89,11 @@ def profile_model(kind: str, args, hlo_dir: str | None) -> list[dict]:
                                                 input_ids=chunk_ids, donate=True)
         jax.block_until_ready(logits)
 
-    rows.append(profile("prefill_chunk", prefill_chunk, 3))
+    prefill_hlo = engine.compiled_prefill(state["cache"], args.chunk).as_text()
+    if hlo_dir:
+        with open(os.path.join(hlo_dir, f"{kind}_prefill_chunk.hlo.txt"), "w") as f:
+            f.write(prefill_hlo)
+    rows.append(profile("prefill_chunk", prefill_chunk, 3, prefill_hlo))
     if streaming:
         from infinitevl_jax.data.tokenizer import ByteTokenizer
         from infinitevl_jax.infer import StreamingSession
@@ -127,7 +131,8 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=8, help="streamed frames profiled (0: skip)")
     parser.add_argument("--frame-size", type=int, default=448)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--hlo-dir", default=None, help="write the compiled decode steps' HLO text here")
+    parser.add_argument("--hlo-dir", default=None, help="write the compiled decode steps' (and the hybrid's "
+                                                        "prefill chunk's) HLO text here")
     add_out_argument(parser, "decode_profile_gpu")
     parser.add_argument("--smoke", action="store_true", help="tiny presets and sizes; runs on the CPU")
     args = parser.parse_args(argv)
@@ -146,8 +151,10 @@ def main(argv=None):
     print("decode back to back (ms per token):", {r["model"]: round(r["back_to_back_ms"], 3) for r in rows
                                                   if r["workload"] == "decode"})
     for r in rows:
+        print(f"\n{r['model']} {r['workload']}: kernel time by kind")
+        print_table(r["by_kind"], ["kind", "us_per_call"])
         print(f"\n{r['model']} {r['workload']}: top kernels")
-        print_table(r["top"], ["kernel", "us_per_call", "launches_per_call"])
+        print_table(r["top"], ["kernel", "us_per_call", "launches_per_call", "op"])
     out = out_path(args, "decode_profile_gpu")
     write_json(out, dict(benchmark="decode_profile_gpu", device=device, smoke=args.smoke,
                          settings=dict(context=args.context, chunk=args.chunk, steps=args.steps, frames=args.frames,

@@ -209,6 +209,21 @@ def test_decode_step_updates_the_cache_in_place():
     assert memory.temp_size_in_bytes < cache_bytes(cache)
 
 
+def test_compiled_prefill_is_the_program_prefill_runs():
+    """``compiled_prefill`` gives the chunk program ``prefill`` runs: called on a chunk it returns
+    the same logits, and with donation its output cache aliases the input's buffers."""
+    decoder = tiny_decoder()
+    engine = DecoderEngine(decoder, chunk_size=16)
+    ids = np.random.default_rng(5).integers(0, 512, (1, 16)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(16, dtype=np.int32), (3, 1, 16))
+    expected, _ = engine.prefill(decoder.init_cache(1), positions, input_ids=ids)
+    compiled = engine.compiled_prefill(decoder.init_cache(1), 16, donate=False)
+    logits, _ = compiled(engine._leaves, decoder.init_cache(1), ids, positions, np.zeros((1, 16), bool), np.int32(16))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
+    donating = engine.compiled_prefill(decoder.init_cache(1), 16).memory_analysis()
+    assert donating.alias_size_in_bytes == cache_bytes(decoder.init_cache(1))
+
+
 def test_stop_tokens_end_each_row():
     decoder = tiny_decoder()
     engine = DecoderEngine(decoder, chunk_size=16)

@@ -230,6 +230,15 @@ class DecoderEngine:
         return self._decode.lower(sampling, None, self._leaves, cache, zeros, zeros, zeros,
                                   jax.random.key(0)).compile()
 
+    def compiled_prefill(self, cache: DecoderCache, length: int, *, donate: bool = True):
+        """The compiled prefill program for a text chunk of ``length`` tokens (``jax.stages.Compiled``;
+        ``as_text()`` names the fusions a kernel profile shows, see ``compiled_decode``)."""
+        batch = cache.start.shape[0]
+        positions = (3,) * (self.decoder.cfg.mrope_section is not None) + (batch, length)
+        run = self._prefill_donating if donate else self._prefill
+        return run.lower(self._leaves, cache, np.zeros((batch, length), np.int32), np.zeros(positions, np.int32),
+                         np.zeros((batch, length), bool), np.int32(length)).compile()
+
     def sample(self, logits, key, sampling: SamplingConfig, vocab_limit: int | None = None):
         """``sample_tokens`` jitted: int32 ``[B]`` from logits ``[B, V]``."""
         return self._sample(logits, key, sampling, vocab_limit)
