@@ -15,9 +15,10 @@ CPU) are summed by kernel name, per call:
   same with both scanned. ``host_ms``: the median time ``push_frame`` takes to return (host work
   and dispatch; the device runs on asynchronously).
 
-Per workload it prints wall ms, device-busy ms (the sum of kernel times), kernels per call and the
-top kernels (with the source op of each XLA fusion in the prefill chunk) and the kernel time by kind; --hlo-dir also writes the compiled decode step's and prefill chunk's HLO text (fusion names in the
-table are its instruction names). Wall well above busy time means launch or host overhead; busy
+Per workload it prints wall ms, device-busy ms (the sum of kernel times), kernels per call, the
+kernel time by kind and the top kernels (for the prefill chunk, with the source op of each XLA
+fusion); ``--hlo-dir`` also writes the compiled decode step's and prefill chunk's HLO text (fusion
+names in the table are its instruction names). Wall well above busy time means launch or host overhead; busy
 time well above the bandwidth floor (parameter bytes / HBM bandwidth for a decode step) means slow
 kernels.
 """

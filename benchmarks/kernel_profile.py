@@ -2,8 +2,9 @@
 
 ``profile(name, run, calls)`` times ``run()`` (which blocks) untraced, then traces ``calls`` more
 and sums the device events by kernel name: wall ms, device-busy ms (the sum of kernel times),
-kernels per call, the top kernels and (``kernels``) every kernel's time. Given the compiled program's HLO text
-(``jitted.lower(*args).compile().as_text()``), each top kernel also names the JAX operation its
+kernels per call, the top kernels and (``kernels``) every kernel's time. Given the compiled
+program's HLO text (``jitted.lower(*args).compile().as_text()``), each top kernel also names the
+JAX operation its
 XLA fusion came from (the ``op_name`` metadata), e.g. ``transpose(jvp())/reduce_sum``, and
 ``by_kind`` sums the kernel time per ``kernel_kind``: GEMMs, cuDNN attention, Pallas/Triton
 kernels (custom calls) and XLA's other fusions by the primitive that ends their ``op_name``.
